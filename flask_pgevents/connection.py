@@ -1,0 +1,131 @@
+"""Raw connections with either PostgreSQL driver, and waiting for wake-ups.
+
+The listener keeps one long-lived connection outside SQLAlchemy's pool: it
+LISTENs, claims events and must never be handed to application code.
+"""
+from __future__ import annotations
+
+import select
+from typing import Any, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+
+from .errors import ConfigurationError
+
+#: libpq keepalive settings: a half-open connection is noticed in about 15 s.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 5,
+}
+
+
+def parse_database_url(uri: "str | URL", source: str) -> URL:
+    """Parse and check a database URI; only PostgreSQL is accepted.
+
+    :param source: the config key the URI came from, named in errors.
+    """
+    try:
+        url = make_url(uri)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigurationError(
+            f"{source} is not a valid database URI: {exc}. Use for example"
+            " 'postgresql://user:password@localhost/dbname'."
+        ) from None
+    if url.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            f"flask-pgevents needs PostgreSQL, but {source} is a"
+            f" {url.get_backend_name()!r} URI ({url.render_as_string(hide_password=True)})."
+            " Set it to a 'postgresql://' URI."
+        )
+    return url
+
+
+def driver_name(url: URL) -> str:
+    """``"psycopg"`` or ``"psycopg2"``: the driver SQLAlchemy would use for the URL."""
+    driver = url.get_dialect().driver
+    if driver not in ("psycopg", "psycopg2"):
+        raise ConfigurationError(
+            f"flask-pgevents supports the psycopg and psycopg2 drivers, not {driver!r}"
+            f" ({url.render_as_string(hide_password=True)}). Use 'postgresql+psycopg://'"
+            " or 'postgresql+psycopg2://'."
+        )
+    return driver
+
+
+class Connection:
+    """A DB-API connection in autocommit mode with explicit transactions.
+
+    :param url: a SQLAlchemy URL; its driver picks psycopg or psycopg2.
+    """
+
+    def __init__(self, url: URL, *, application_name: str = "pgevents", keepalives: bool = False) -> None:
+        self.driver = driver_name(url)
+        dialect = url.get_dialect()()
+        cargs, cparams = dialect.create_connect_args(url)
+        cparams = dict(cparams)
+        cparams.setdefault("application_name", application_name)
+        if keepalives:
+            for key, value in KEEPALIVES.items():
+                cparams.setdefault(key, value)
+        if self.driver == "psycopg":
+            import psycopg
+
+            self.raw: Any = psycopg.connect(*cargs, autocommit=True, **cparams)
+        else:
+            import psycopg2
+            import psycopg2.extensions
+
+            self.raw = psycopg2.connect(*cargs, **cparams)
+            self.raw.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        self.cursor = self.raw.cursor()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.raw.closed)
+
+    def execute(self, sql: str, params: Optional[Any] = None) -> Any:
+        self.cursor.execute(sql, params)
+        return self.cursor
+
+    def run_script(self, statements: list[str]) -> None:
+        """Run statements in one transaction."""
+        self.execute("BEGIN")
+        try:
+            for statement in statements:
+                self.execute(statement)
+        except BaseException:
+            self.execute("ROLLBACK")
+            raise
+        self.execute("COMMIT")
+
+    def backend_pid(self) -> int:
+        if self.driver == "psycopg":
+            return int(self.raw.info.backend_pid)
+        return int(self.raw.get_backend_pid())
+
+    def take_notifications(self) -> int:
+        """How many wake-ups arrived since the last call; does not block."""
+        if self.driver == "psycopg":
+            return sum(1 for _ in self.raw.notifies(timeout=0))
+        self.raw.poll()
+        count = len(self.raw.notifies)
+        del self.raw.notifies[:]
+        return count
+
+    def wait_for_notification(self, timeout: float) -> bool:
+        """Block until a NOTIFY arrives or ``timeout`` seconds pass."""
+        if self.take_notifications():
+            return True
+        if self.driver == "psycopg":
+            return any(True for _ in self.raw.notifies(timeout=timeout, stop_after=1))
+        ready, _, _ = select.select([self.raw], [], [], timeout)
+        return bool(ready) and self.take_notifications() > 0
+
+    def close(self) -> None:
+        try:
+            self.raw.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail
+            pass

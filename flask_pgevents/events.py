@@ -1,0 +1,289 @@
+"""The Event handed to handlers, and decoding stored rows into typed values.
+
+Rows are stored as ``jsonb`` by the capture triggers. Decoding turns each
+JSON value back into what SQLAlchemy gives for the column's type when it
+loads the row: ``datetime``, ``Decimal``, ``UUID``, enum members, ...
+"""
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+import re
+import uuid
+from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+Converter = Callable[[Any], Any]
+Row = Dict[str, Any]
+
+_loads_exact = json.JSONDecoder(parse_float=decimal.Decimal).decode
+
+
+def load_row(text: Optional[str]) -> Optional[Row]:
+    """Parse a stored row, keeping numeric values exact."""
+    if text is None:
+        return None
+    if not isinstance(text, str):  # a driver that already decoded jsonb
+        return dict(text)
+    return _loads_exact(text)
+
+
+def _json_floats(value: Any) -> Any:
+    # JSON columns hold plain JSON: give floats, as json.loads would.
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, list):
+        return [_json_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_floats(v) for k, v in value.items()}
+    return value
+
+
+_FRACTION = re.compile(r"\.(\d+)")
+
+
+def _iso(text: str) -> str:
+    # PostgreSQL trims trailing zeros of fractional seconds and may write
+    # "+05" for an offset; Python 3.9's fromisoformat needs 6 digits and ":MM".
+    text = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], text, count=1)
+    if re.search(r"[+-]\d\d$", text):
+        text += ":00"
+    return text
+
+
+def _to_datetime(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value in ("infinity", "-infinity"):
+        return datetime.datetime.max if value == "infinity" else datetime.datetime.min
+    return datetime.datetime.fromisoformat(_iso(value))
+
+
+def _to_date(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value in ("infinity", "-infinity"):
+        return datetime.date.max if value == "infinity" else datetime.date.min
+    return datetime.date.fromisoformat(value)
+
+
+def _to_time(value: Any) -> Any:
+    return datetime.time.fromisoformat(_iso(value)) if isinstance(value, str) else value
+
+
+_INTERVAL = re.compile(
+    r"(?:(?P<years>[+-]?\d+) years? ?)?(?:(?P<months>[+-]?\d+) mons? ?)?"
+    r"(?:(?P<days>[+-]?\d+) days? ?)?"
+    r"(?:(?P<sign>[+-])?(?P<hours>\d+):(?P<minutes>\d\d):(?P<seconds>\d\d(?:\.\d+)?))?$"
+)
+
+
+def _to_interval(value: Any) -> Any:
+    # IntervalStyle 'postgres', the default; months count as 30 days, as in psycopg.
+    if not isinstance(value, str):
+        return value
+    match = _INTERVAL.match(value)
+    if not match:
+        return value
+    parts = match.groupdict()
+    days = int(parts["years"] or 0) * 365 + int(parts["months"] or 0) * 30 + int(parts["days"] or 0)
+    seconds = 0.0
+    if parts["hours"] is not None:
+        seconds = int(parts["hours"]) * 3600 + int(parts["minutes"]) * 60 + float(parts["seconds"])
+        if parts["sign"] == "-":
+            seconds = -seconds
+    return datetime.timedelta(days=days, seconds=seconds)
+
+
+def _to_bytes(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value.startswith("\\x"):
+        return bytes.fromhex(value[2:])
+    # bytea_output = 'escape' in the writing session.
+    return value.encode("latin-1").decode("unicode_escape").encode("latin-1")
+
+
+def _to_uuid(value: Any) -> Any:
+    return uuid.UUID(value) if isinstance(value, str) else value
+
+
+def _to_float(value: Any) -> Any:
+    return float(value) if isinstance(value, (int, decimal.Decimal)) else value
+
+
+def _to_decimal(value: Any) -> Any:
+    if isinstance(value, int):
+        return decimal.Decimal(value)
+    if isinstance(value, str):  # 'NaN', 'Infinity'
+        return decimal.Decimal(value)
+    return value
+
+
+def _array(element: Optional[Converter]) -> Converter:
+    def convert(value: Any) -> Any:
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if value is None or element is None:
+            return value
+        return element(value)
+
+    return convert
+
+
+def converter_for(type_: sa.types.TypeEngine, dialect: sa.engine.Dialect) -> Optional[Converter]:
+    """A function turning a JSON value of this column type into its Python value.
+
+    ``None`` means the JSON value is already right (text, integers, booleans).
+    """
+    if isinstance(type_, sa.types.TypeDecorator):
+        inner = converter_for(type_.impl_instance, dialect)
+        process = type_.process_result_value
+
+        def decorated(value: Any) -> Any:
+            return process(inner(value) if inner and value is not None else value, dialect)
+
+        return decorated
+    if isinstance(type_, sa.Enum):
+        return type_.result_processor(dialect, None)
+    if isinstance(type_, sa.ARRAY):
+        return _array(converter_for(type_.item_type, dialect))
+    if isinstance(type_, sa.JSON):
+        return _json_floats
+    if isinstance(type_, sa.DateTime):
+        return _to_datetime
+    if isinstance(type_, sa.Date):
+        return _to_date
+    if isinstance(type_, sa.Time):
+        return _to_time
+    if isinstance(type_, sa.Interval) or isinstance(type_, postgresql.INTERVAL):
+        return _to_interval
+    if isinstance(type_, sa.LargeBinary):
+        return _to_bytes
+    if isinstance(type_, sa.Uuid):
+        return _to_uuid if type_.as_uuid else None
+    if isinstance(type_, sa.Float):
+        return _to_float if not type_.asdecimal else _to_decimal
+    if isinstance(type_, sa.Numeric):
+        return _to_decimal if type_.asdecimal else _to_float
+    return None
+
+
+class RowDecoder:
+    """Decodes stored rows of one table, with a converter per column."""
+
+    def __init__(self, table: Optional[sa.Table], dialect: sa.engine.Dialect) -> None:
+        self.converters: dict[str, Converter] = {}
+        if table is not None:
+            for column in table.columns:
+                convert = converter_for(column.type, dialect)
+                if convert is not None:
+                    self.converters[column.name] = convert
+
+    def decode(self, row: Optional[Row]) -> Optional[Row]:
+        if row is None or not self.converters:
+            return row
+        for name, convert in self.converters.items():
+            value = row.get(name)
+            if value is not None:
+                row[name] = convert(value)
+        return row
+
+
+def changed_columns(old: Optional[Mapping[str, Any]], new: Optional[Mapping[str, Any]]) -> FrozenSet[str]:
+    """Names of the columns whose value differs between two versions of a row."""
+    if old is None or new is None:
+        return frozenset()
+    return frozenset(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
+
+
+_UNSET: Any = object()
+
+
+class Event:
+    """One committed row change, as handed to handlers; immutable.
+
+    Example::
+
+        @pgevents.listens_for(User, "after_update", columns=["email"])
+        def email_changed(event: Event) -> None:
+            print(event.old["email"], "->", event.new["email"], event.changed)
+    """
+
+    __slots__ = ("id", "op", "table", "model", "new", "old", "changed", "timestamp", "attempt", "_target")
+
+    id: int
+    op: str
+    table: str
+    model: Optional[type]
+    new: Optional[Row]
+    old: Optional[Row]
+    changed: FrozenSet[str]
+    timestamp: datetime.datetime
+    attempt: int
+
+    def __init__(
+        self,
+        *,
+        id: int,
+        op: str,
+        table: str,
+        model: Optional[type],
+        new: Optional[Row],
+        old: Optional[Row],
+        timestamp: datetime.datetime,
+        attempt: int,
+        changed: Optional[FrozenSet[str]] = None,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "id", id)
+        set_(self, "op", op)
+        set_(self, "table", table)
+        set_(self, "model", model)
+        set_(self, "new", new)
+        set_(self, "old", old)
+        set_(self, "changed", changed if changed is not None else changed_columns(old, new))
+        set_(self, "timestamp", timestamp)
+        set_(self, "attempt", attempt)
+        set_(self, "_target", _UNSET)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Event is immutable; cannot set {name!r}.")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Event is immutable; cannot delete {name!r}.")
+
+    @property
+    def target(self) -> Any:
+        """A transient instance of the model built from ``new`` (``old`` for deletes).
+
+        Not attached to any session; ``None`` when no model maps the table.
+        """
+        if self._target is _UNSET:
+            object.__setattr__(self, "_target", build_instance(self.model, self.new if self.new is not None else self.old))
+        return self._target
+
+    def __repr__(self) -> str:
+        return f"<Event {self.id} {self.op} {self.table} attempt={self.attempt}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and other.id == self.id and other.attempt == self.attempt
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.attempt))
+
+
+def build_instance(model: Optional[type], row: Optional[Mapping[str, Any]]) -> Any:
+    """A transient instance of ``model`` with the row's values, or ``None``."""
+    if model is None or row is None:
+        return None
+    mapper = sa.inspect(model)
+    instance = mapper.class_manager.new_instance()
+    for prop in mapper.column_attrs:
+        column = prop.columns[0]
+        if isinstance(column, sa.Column) and column.name in row:
+            setattr(instance, prop.key, row[column.name])
+    return instance

@@ -1,0 +1,447 @@
+"""PGEvents: the Flask extension that owns set-up, config, handlers and the listener."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import weakref
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
+
+import sqlalchemy as sa
+from flask import Flask, current_app, has_app_context
+from sqlalchemy.engine import URL
+
+from . import listener as listener_module
+from .connection import Connection, parse_database_url
+from .errors import AlreadyRegisteredError, ConfigurationError
+from .events import RowDecoder
+from .registry import Handler, Registry, TableKey, Target
+from .triggers import Backlog, TriggerManager, TriggerStatus
+
+logger = logging.getLogger("flask_pgevents")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Every configuration key with its default; see the README for each.
+DEFAULTS: dict[str, Any] = {
+    "PGEVENTS_DATABASE_URI": None,
+    "PGEVENTS_SCHEMA": "pgevents",
+    "PGEVENTS_AUTOSTART": True,
+    "PGEVENTS_BATCH_SIZE": 500,
+    "PGEVENTS_POLL_INTERVAL": 1.0,
+    "PGEVENTS_MAX_ATTEMPTS": 5,
+    "PGEVENTS_RETRY_BACKOFF": 1.0,
+    "PGEVENTS_RETRY_BACKOFF_MAX": 300.0,
+    "PGEVENTS_RECONNECT_BACKOFF": 0.1,
+    "PGEVENTS_RECONNECT_BACKOFF_MAX": 10.0,
+    "PGEVENTS_RETENTION": 0.0,
+    "PGEVENTS_STOP_TIMEOUT": 10.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The ``PGEVENTS_*`` settings of one app, read once by ``init_app``."""
+
+    schema: str
+    autostart: bool
+    batch_size: int
+    poll_interval: float
+    max_attempts: int
+    retry_backoff: float
+    retry_backoff_max: float
+    reconnect_backoff: float
+    reconnect_backoff_max: float
+    retention: float
+    stop_timeout: float
+
+    @classmethod
+    def from_app(cls, app: Flask) -> "Config":
+        def get(key: str) -> Any:
+            return app.config.get(key, DEFAULTS[key])
+
+        def positive(key: str, kind: type, minimum: float) -> Any:
+            value = get(key)
+            try:
+                value = kind(value)
+            except (TypeError, ValueError):
+                raise ConfigurationError(
+                    f"{key} must be a {kind.__name__}, got {value!r}. Remove it to use"
+                    f" the default {DEFAULTS[key]!r}."
+                ) from None
+            if value < minimum:
+                raise ConfigurationError(
+                    f"{key} must be at least {minimum}, got {value!r}. Remove it to use"
+                    f" the default {DEFAULTS[key]!r}."
+                )
+            return value
+
+        return cls(
+            schema=str(get("PGEVENTS_SCHEMA")),
+            autostart=bool(get("PGEVENTS_AUTOSTART")),
+            batch_size=positive("PGEVENTS_BATCH_SIZE", int, 1),
+            poll_interval=positive("PGEVENTS_POLL_INTERVAL", float, 0.01),
+            max_attempts=positive("PGEVENTS_MAX_ATTEMPTS", int, 1),
+            retry_backoff=positive("PGEVENTS_RETRY_BACKOFF", float, 0),
+            retry_backoff_max=positive("PGEVENTS_RETRY_BACKOFF_MAX", float, 0),
+            reconnect_backoff=positive("PGEVENTS_RECONNECT_BACKOFF", float, 0.001),
+            reconnect_backoff_max=positive("PGEVENTS_RECONNECT_BACKOFF_MAX", float, 0.001),
+            retention=positive("PGEVENTS_RETENTION", float, 0),
+            stop_timeout=positive("PGEVENTS_STOP_TIMEOUT", float, 0),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TableInfo:
+    """What decoding needs to know of one table."""
+
+    model: Optional[type]
+    table: Optional[sa.Table]
+    decoder: RowDecoder
+
+
+class AppState:
+    """Everything flask-pgevents keeps for one app: ``app.extensions["pgevents"]``."""
+
+    def __init__(self, extension: "PGEvents", app: Flask, url: URL, db: Any) -> None:
+        self.extension = extension
+        self.registry = extension.registry
+        self._app_ref = weakref.ref(app)
+        self.url = url
+        self.db = db
+        self.config = Config.from_app(app)
+        self.triggers = TriggerManager(self.config.schema)
+        self.dialect = url.get_dialect()()
+        self._tables: dict[TableKey, TableInfo] = {}
+        self._tables_lock = threading.Lock()
+        self.listener = listener_module.Listener(self)
+
+    @property
+    def app(self) -> Flask:
+        app = self._app_ref()
+        if app is None:  # pragma: no cover - the app owns this state
+            raise RuntimeError("The Flask app of this pgevents state no longer exists.")
+        return app
+
+    def connect(self) -> Connection:
+        """A new connection for administration (triggers, status, retries)."""
+        return Connection(self.url, application_name="pgevents-admin")
+
+    def rollback_session(self) -> None:
+        """Leave the Flask-SQLAlchemy session clean after a handler raised."""
+        if self.db is not None:
+            try:
+                self.db.session.rollback()
+            except Exception:  # noqa: BLE001 - a broken session must not stop dispatch
+                logger.debug("Rolling back the session after a handler error failed.", exc_info=True)
+
+    def table_info(self, key: TableKey) -> TableInfo:
+        """Model, Table and decoder for a table, found once and cached."""
+        info = self._tables.get(key)
+        if info is None:
+            with self._tables_lock:
+                info = self._tables.get(key) or self._find_table(key)
+                self._tables[key] = info
+        return info
+
+    def forget_tables(self) -> None:
+        self._tables.clear()
+
+    def _find_table(self, key: TableKey) -> TableInfo:
+        model, table = self.registry.model_for(key)
+        if model is None and self.db is not None:
+            model = _find_model(self.db, key)
+        if table is None and model is not None:
+            table = sa.inspect(model).local_table
+        if table is None:
+            table = self._reflect(key)
+        return TableInfo(model, table, RowDecoder(table, self.dialect))
+
+    def _reflect(self, key: TableKey) -> Optional[sa.Table]:
+        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
+        try:
+            return sa.Table(key.name, sa.MetaData(), schema=key.schema, autoload_with=engine)
+        except sa.exc.SQLAlchemyError:
+            logger.warning("Could not reflect table %s; its values are passed as JSON.", key)
+            return None
+        finally:
+            engine.dispose()
+
+
+def _find_model(db: Any, key: TableKey) -> Optional[type]:
+    registry = getattr(getattr(db, "Model", None), "registry", None)
+    for mapper in getattr(registry, "mappers", ()):
+        table = mapper.local_table
+        if isinstance(table, sa.Table) and (table.schema or "public", table.name) == (key.schema, key.name):
+            return mapper.class_
+    return None
+
+
+def _database_url(app: Flask, db: Any) -> URL:
+    uri = app.config.get("PGEVENTS_DATABASE_URI")
+    if uri:
+        return parse_database_url(uri, "PGEVENTS_DATABASE_URI")
+    if db is not None and app in getattr(db, "_app_engines", {}):
+        with app.app_context():
+            return parse_database_url(db.engine.url, "SQLALCHEMY_DATABASE_URI")
+    uri = app.config.get("SQLALCHEMY_DATABASE_URI")
+    if uri:
+        return parse_database_url(uri, "SQLALCHEMY_DATABASE_URI")
+    raise ConfigurationError(
+        "No database configured for flask-pgevents. Set PGEVENTS_DATABASE_URI, or"
+        " SQLALCHEMY_DATABASE_URI for Flask-SQLAlchemy, to a 'postgresql://' URI."
+    )
+
+
+def _should_autostart(app: Flask, config: Config) -> bool:
+    """Whether this process serves the app and so should run a listener thread."""
+    if not config.autostart or app.testing:
+        return False
+    try:
+        import click
+    except ImportError:  # pragma: no cover - Flask depends on click
+        return True
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return True  # a WSGI server or a plain script
+    from flask.cli import run_command
+
+    if ctx.command is not run_command:
+        return False  # flask shell, flask db upgrade, flask pgevents ...
+    reload = ctx.params.get("reload")
+    if reload is None:
+        from flask.helpers import get_debug_flag
+
+        reload = get_debug_flag()
+    # With the reloader, the first process only watches files: its child serves.
+    return not reload or os.environ.get("WERKZEUG_RUN_MAIN") == "true"
+
+
+class PGEvents:
+    """React to committed row changes in PostgreSQL tables inside a Flask app.
+
+    :param app: the app to set up now, or ``None`` to call :meth:`init_app` later.
+    :param db: the Flask-SQLAlchemy instance; defaults to the app's.
+
+    Example::
+
+        pgevents = PGEvents(app)
+
+        @pgevents.listens_for(User, "after_insert")
+        def welcome(event):
+            send_welcome_mail(event.target.email)
+    """
+
+    def __init__(self, app: Optional[Flask] = None, *, db: Any = None) -> None:
+        self.registry = Registry()
+        self._db = db
+        self._apps: "weakref.WeakSet[Flask]" = weakref.WeakSet()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read the app's config, register the CLI and start the listener if serving.
+
+        :raises AlreadyRegisteredError: if this app is already set up.
+        :raises ConfigurationError: if no PostgreSQL database is configured.
+        """
+        if "pgevents" in app.extensions:
+            raise AlreadyRegisteredError(
+                "A 'PGEvents' instance has already been registered on this Flask app."
+                " Import and use that instance instead."
+            )
+        for key, value in DEFAULTS.items():
+            app.config.setdefault(key, value)
+        db = self._db if self._db is not None else app.extensions.get("sqlalchemy")
+        state = AppState(self, app, _database_url(app, db), db)
+        app.extensions["pgevents"] = state
+        self._apps.add(app)
+        if _should_autostart(app, state.config):
+            state.listener.start()
+
+    # Registration ----------------------------------------------------------
+
+    def listens_for(
+        self,
+        target: Target,
+        identifier: Union[str, Sequence[str]],
+        *,
+        columns: Optional[Iterable[str]] = None,
+    ) -> Callable[[F], F]:
+        """Decorate a handler for row changes of ``target``; returns it unchanged.
+
+        :param target: a mapped class, a ``sqlalchemy.Table``, or ``"schema.table"``.
+        :param identifier: ``"after_insert"``, ``"after_update"``, ``"after_delete"``
+            or a list of them.
+        :param columns: for updates only: fire only when one of these changed.
+
+        Example::
+
+            @pgevents.listens_for(User, "after_update", columns=["email"])
+            def email_changed(event):
+                ...
+        """
+
+        def decorate(fn: F) -> F:
+            self.listen(target, identifier, fn, columns=columns)
+            return fn
+
+        return decorate
+
+    def listen(
+        self,
+        target: Target,
+        identifier: Union[str, Sequence[str]],
+        fn: Handler,
+        *,
+        columns: Optional[Iterable[str]] = None,
+    ) -> None:
+        """Register ``fn`` for row changes of ``target``; see :meth:`listens_for`."""
+        self.registry.add(target, identifier, fn, columns=columns)
+        for app in list(self._apps):
+            app.extensions["pgevents"].forget_tables()
+
+    def remove(self, target: Target, identifier: Union[str, Sequence[str]], fn: Handler) -> None:
+        """Unregister a handler registered with :meth:`listen` or :meth:`listens_for`."""
+        self.registry.remove(target, identifier, fn)
+
+    # Per-app operations -----------------------------------------------------
+
+    def _state(self, app: Optional[Flask] = None) -> AppState:
+        if app is None:
+            if has_app_context():
+                app = current_app._get_current_object()  # type: ignore[attr-defined]
+            elif len(self._apps) == 1:
+                app = next(iter(self._apps))
+            else:
+                raise RuntimeError(
+                    "Working outside of application context: pass app=..., or run"
+                    " inside 'with app.app_context():'."
+                )
+        state = app.extensions.get("pgevents")
+        if state is None or state.extension is not self:
+            raise RuntimeError(
+                "The current Flask app is not registered with this 'PGEvents' instance."
+                " Did you forget to call 'init_app'?"
+            )
+        return state
+
+    def install_triggers(self, app: Optional[Flask] = None) -> list[str]:
+        """Create the event schema and exactly the triggers the handlers need.
+
+        Idempotent: outdated triggers are replaced, unneeded ones dropped.
+        Returns the statements it ran.
+        """
+        state = self._state(app)
+        conn = state.connect()
+        try:
+            installed = state.triggers.installed(conn.cursor)
+            statements = state.triggers.install_sql(self.registry.needed_triggers(), installed)
+            conn.run_script(statements)
+        finally:
+            conn.close()
+        return statements
+
+    def install_sql(self, app: Optional[Flask] = None) -> list[str]:
+        """The statements :meth:`install_triggers` would run, without running them."""
+        state = self._state(app)
+        conn = state.connect()
+        try:
+            installed = state.triggers.installed(conn.cursor)
+        finally:
+            conn.close()
+        return state.triggers.install_sql(self.registry.needed_triggers(), installed)
+
+    def uninstall_triggers(self, app: Optional[Flask] = None, *, drop_schema: bool = False) -> int:
+        """Drop every capture trigger; return how many there were (idempotent).
+
+        :param drop_schema: also drop the event schema with every stored event.
+            Without it, pending events stay and are handled after a reinstall.
+        """
+        state = self._state(app)
+        conn = state.connect()
+        try:
+            installed = state.triggers.installed(conn.cursor)
+            conn.run_script(state.triggers.uninstall_sql(installed, drop_schema=drop_schema))
+        finally:
+            conn.close()
+        return len(installed)
+
+    def failed_events(self, app: Optional[Flask] = None, *, limit: int = 50) -> list[dict[str, Any]]:
+        """Events kept as failed after their last attempt, with each handler's error."""
+        state = self._state(app)
+        conn = state.connect()
+        try:
+            return state.triggers.failed_events(conn.cursor, limit)
+        finally:
+            conn.close()
+
+    def retry_failed(self, app: Optional[Flask] = None, event_ids: Optional[Sequence[int]] = None) -> int:
+        """Queue failed events again (all of them when ``event_ids`` is None)."""
+        state = self._state(app)
+        conn = state.connect()
+        try:
+            return state.triggers.retry_failed(conn.cursor, event_ids)
+        finally:
+            conn.close()
+
+    def trigger_status(self, app: Optional[Flask] = None) -> tuple[list[TriggerStatus], Optional[Backlog]]:
+        """Triggers per table and operation, and the backlog of the event table."""
+        state = self._state(app)
+        conn = state.connect()
+        try:
+            return (
+                state.triggers.status(conn.cursor, self.registry.needed_triggers()),
+                state.triggers.backlog(conn.cursor),
+            )
+        finally:
+            conn.close()
+
+    def start(self, app: Optional[Flask] = None) -> None:
+        """Start this process's listener thread for the app (idempotent)."""
+        self._state(app).listener.start()
+
+    def stop(self, timeout: Optional[float] = None, app: Optional[Flask] = None) -> bool:
+        """Stop the listener thread after its handler in progress; True if it ended."""
+        return self._state(app).listener.stop(timeout)
+
+    def process_pending(self, timeout: Optional[float] = None, app: Optional[Flask] = None) -> int:
+        """Handle every committed event pending now in this thread; return how many.
+
+        Example::
+
+            db.session.add(User(email="a@example.com"))
+            db.session.commit()
+            assert pgevents.process_pending() == 1
+        """
+        return listener_module.process_pending(self._state(app), timeout)
+
+
+def _before_fork() -> None:
+    for listener in list(listener_module._live_listeners):
+        listener.resume_after_fork = listener.running  # type: ignore[attr-defined]
+        if listener.resume_after_fork:  # type: ignore[attr-defined]
+            listener.stop()
+
+
+def _after_fork_in_parent() -> None:
+    for listener in list(listener_module._live_listeners):
+        if getattr(listener, "resume_after_fork", False):
+            listener.start()
+
+
+def _after_fork_in_child() -> None:
+    # A fresh listener with its own connection: nothing crosses the fork.
+    for listener in list(listener_module._live_listeners):
+        listener.abandon_after_fork()
+        if getattr(listener, "resume_after_fork", False):
+            listener.start()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

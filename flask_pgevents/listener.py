@@ -1,0 +1,355 @@
+"""The listening loop: connection, wake-up, claim, dispatch, reconnect.
+
+The event table is the source of truth; NOTIFY only wakes listeners up.
+Each batch is claimed with ``FOR UPDATE SKIP LOCKED`` inside a transaction
+that stays open while its handlers run, so no other process can take those
+events, and a process that dies releases them at once with its connection.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+import traceback
+import weakref
+from typing import TYPE_CHECKING, Any, Optional
+
+from .connection import Connection
+from .events import Event, load_row
+from .registry import TableKey
+from .triggers import (
+    CLAIM_BATCH,
+    DELETE_HANDLED,
+    MARK_HANDLED,
+    PURGE_HANDLED,
+    RECORD_FAILURE,
+    channel_for,
+    quote_ident,
+)
+
+if TYPE_CHECKING:
+    from .extension import AppState
+
+logger = logging.getLogger("flask_pgevents")
+
+#: Exceptions that mean the connection is gone, for both drivers.
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        import psycopg
+
+        errors += [psycopg.OperationalError, psycopg.InterfaceError]
+    except ImportError:  # pragma: no cover - psycopg 3 is an optional extra
+        pass
+    import psycopg2
+
+    errors += [psycopg2.OperationalError, psycopg2.InterfaceError]
+    return tuple(errors)
+
+
+CONNECTION_ERRORS = _connection_errors()
+
+
+class Backoff:
+    """Exponential backoff with full jitter, bounded.
+
+    :param initial: the first delay's upper bound, in seconds.
+    :param maximum: the largest delay.
+    """
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2 ** self.failures))
+        self.failures += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def retry_delay(state: "AppState", attempt: int) -> float:
+    """Seconds to wait before the next attempt after ``attempt`` failed ones."""
+    base = state.config.retry_backoff * (2 ** (attempt - 1))
+    return min(state.config.retry_backoff_max, base) * random.uniform(0.75, 1.0)
+
+
+class Dispatcher:
+    """Claims one batch of events, runs their handlers and records the outcome."""
+
+    def __init__(self, state: "AppState") -> None:
+        self.state = state
+        schema = quote_ident(state.config.schema)
+        self.claim_sql = CLAIM_BATCH.format(schema=schema)
+        self.delete_sql = DELETE_HANDLED.format(schema=schema)
+        self.mark_sql = MARK_HANDLED.format(schema=schema)
+        self.purge_sql = PURGE_HANDLED.format(schema=schema)
+        self.failure_sql = RECORD_FAILURE.format(schema=schema)
+        #: Monotonic time at which a retried event becomes due, if any.
+        self.next_retry_at: Optional[float] = None
+        self._last_purge = 0.0
+
+    def run_batch(self, conn: Connection, stop: Optional[threading.Event] = None) -> int:
+        """Claim, handle and settle up to one batch; return how many were handled."""
+        conn.execute("BEGIN")
+        try:
+            rows = conn.execute(self.claim_sql, (self.state.config.batch_size,)).fetchall()
+            if not rows:
+                conn.execute("COMMIT")
+                return 0
+            handled, failures = self._dispatch(rows, stop)
+            self._settle(conn, handled, failures)
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.closed:
+                try:
+                    conn.execute("ROLLBACK")
+                except CONNECTION_ERRORS:
+                    pass
+            raise
+        return len(handled) + len(failures)
+
+    def _dispatch(self, rows: list[Any], stop: Optional[threading.Event]) -> tuple[list[int], list[tuple[Any, ...]]]:
+        state = self.state
+        handled: list[int] = []
+        failures: list[tuple[Any, ...]] = []
+        with state.app.app_context():
+            for event_id, schema, table, op, old, new, created_at, attempt, done in rows:
+                if stop is not None and stop.is_set():
+                    break  # leave the rest claimed by nobody once we commit
+                key = TableKey(schema, table)
+                subscriptions = state.registry.handlers_for(key, op)
+                info = state.table_info(key)
+                event = Event(
+                    id=event_id,
+                    op=op,
+                    table=str(key),
+                    model=info.model,
+                    new=info.decoder.decode(load_row(new)),
+                    old=info.decoder.decode(load_row(old)),
+                    timestamp=created_at,
+                    attempt=attempt + 1,
+                )
+                already_done = set(done or ())
+                errors: dict[str, dict[str, str]] = {}
+                for sub in subscriptions:
+                    if sub.name in already_done:
+                        continue
+                    if sub.columns is not None and not (sub.columns & event.changed):
+                        continue
+                    try:
+                        sub.handler(event)
+                    except Exception as exc:  # noqa: BLE001 - any handler error is recorded
+                        logger.exception(
+                            "Handler %s failed for event %s (%s on %s, attempt %s).",
+                            sub.name, event_id, op, key, event.attempt,
+                        )
+                        errors[sub.name] = {
+                            "error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc(),
+                        }
+                        state.rollback_session()
+                    else:
+                        already_done.add(sub.name)
+                if errors:
+                    failures.append((event_id, event.attempt, sorted(already_done), errors))
+                else:
+                    handled.append(event_id)
+        return handled, failures
+
+    def _settle(self, conn: Connection, handled: list[int], failures: list[tuple[Any, ...]]) -> None:
+        config = self.state.config
+        if handled:
+            if config.retention > 0:
+                conn.execute(self.mark_sql, (handled,))
+            else:
+                conn.execute(self.delete_sql, (handled,))
+        for event_id, attempt, done, errors in failures:
+            if attempt >= config.max_attempts:
+                status, delay = "failed", 0.0
+                logger.error(
+                    "Event %s failed %s times and is kept as failed; retry it with"
+                    " 'flask pgevents retry %s'.", event_id, attempt, event_id,
+                )
+            else:
+                status, delay = "pending", retry_delay(self.state, attempt)
+                due = time.monotonic() + delay
+                self.next_retry_at = min(self.next_retry_at or due, due)
+            conn.execute(self.failure_sql, (attempt, done, json.dumps(errors), status, delay, event_id))
+
+    def purge_if_due(self, conn: Connection) -> None:
+        """Remove handled events older than the retention, at most once a minute."""
+        retention = self.state.config.retention
+        if retention <= 0 or time.monotonic() - self._last_purge < min(60.0, retention):
+            return
+        conn.execute(self.purge_sql, (retention,))
+        self._last_purge = time.monotonic()
+
+    def idle_timeout(self) -> float:
+        """How long to sleep when nothing is pending: the safety poll, or less."""
+        timeout = self.state.config.poll_interval
+        if self.next_retry_at is not None:
+            wait = self.next_retry_at - time.monotonic()
+            if wait <= 0:
+                self.next_retry_at = None
+                return 0.0
+            timeout = min(timeout, wait)
+        return timeout
+
+
+_live_listeners: "weakref.WeakSet[Listener]" = weakref.WeakSet()
+
+
+class Listener:
+    """The listener of one app in this process: a thread, or the caller's loop.
+
+    Example::
+
+        listener = Listener(state)
+        listener.start()
+        ...
+        listener.stop(timeout=10)
+    """
+
+    def __init__(self, state: "AppState") -> None:
+        self.state = state
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._pid = os.getpid()
+        self.connected = threading.Event()
+        _live_listeners.add(self)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._pid == os.getpid()
+
+    def start(self) -> None:
+        """Start the listener thread; does nothing if it already runs."""
+        with self._lock:
+            if self.running:
+                return
+            self._stop.clear()
+            self._drain_wake_pipe()
+            self._thread = threading.Thread(target=self.run, name="pgevents-listener", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Stop the thread after the handler in progress; True if it ended in time."""
+        if timeout is None:
+            timeout = self.state.config.stop_timeout
+        with self._lock:
+            thread = self._thread
+            self._stop.set()
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+            if thread is None or self._pid != os.getpid():
+                return True
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+            stopped = not thread.is_alive()
+            if stopped:
+                self._thread = None
+            else:
+                logger.warning("The pgevents listener did not stop within %.1f s.", timeout)
+            return stopped
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop soon; safe from signal handlers."""
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def run(self) -> None:
+        """Listen and dispatch until stopped; reconnect after connection loss."""
+        state = self.state
+        reconnect = Backoff(state.config.reconnect_backoff, state.config.reconnect_backoff_max)
+        dispatcher = Dispatcher(state)
+        while not self._stop.is_set():
+            conn: Optional[Connection] = None
+            try:
+                conn = Connection(state.url, application_name="pgevents-listener", keepalives=True)
+                # LISTEN before the catch-up read, so no event falls in between.
+                conn.execute(f"LISTEN {quote_ident(channel_for(state.config.schema))}")
+                self.connected.set()
+                reconnect.reset()
+                logger.info("pgevents listener connected (pid %s).", os.getpid())
+                self._loop(conn, dispatcher)
+            except CONNECTION_ERRORS as exc:
+                delay = reconnect.next_delay()
+                logger.warning(
+                    "pgevents listener lost its database connection (%s); reconnecting in %.2f s.",
+                    str(exc).strip() or type(exc).__name__, delay,
+                )
+                self._stop.wait(delay)
+            except Exception:  # noqa: BLE001 - the loop logs and never dies
+                delay = reconnect.next_delay()
+                logger.exception("pgevents listener error; restarting in %.2f s.", delay)
+                self._stop.wait(delay)
+            finally:
+                self.connected.clear()
+                if conn is not None:
+                    conn.close()
+        logger.info("pgevents listener stopped (pid %s).", os.getpid())
+
+    def _loop(self, conn: Connection, dispatcher: Dispatcher) -> None:
+        import select
+
+        while not self._stop.is_set():
+            if dispatcher.run_batch(conn, self._stop):
+                continue
+            dispatcher.purge_if_due(conn)
+            if conn.take_notifications():
+                continue
+            timeout = dispatcher.idle_timeout()
+            if timeout > 0:
+                ready, _, _ = select.select([conn.raw, self._wake_r], [], [], timeout)
+                if self._wake_r in ready:
+                    self._drain_wake_pipe()
+            conn.take_notifications()
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: forget the parent's thread without touching its connection."""
+        self._thread = None
+        self._pid = os.getpid()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+
+
+def process_pending(state: "AppState", timeout: Optional[float] = None) -> int:
+    """Handle every due event in the caller's thread; return how many."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    dispatcher = Dispatcher(state)
+    total = 0
+    conn = Connection(state.url, application_name="pgevents-process-pending")
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            count = dispatcher.run_batch(conn)
+            if not count:
+                break
+            total += count
+    finally:
+        conn.close()
+    return total

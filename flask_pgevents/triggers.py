@@ -1,0 +1,375 @@
+"""SQL for the event schema, the capture functions and the triggers.
+
+Every template here is named; identifiers are quoted with :func:`quote_ident`
+and the few literals (trigger arguments, the channel) with
+:func:`quote_literal`. No row value is ever put into SQL text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from typing import Any, Optional, Sequence
+
+from .registry import OPERATIONS, TableKey
+
+#: Bump when the layout of the event table changes incompatibly.
+SCHEMA_VERSION = 1
+
+CREATE_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}."event" (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    op text NOT NULL,
+    old jsonb,
+    new jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    status text NOT NULL DEFAULT 'pending',
+    attempt integer NOT NULL DEFAULT 0,
+    run_after timestamptz,
+    done_handlers text[] NOT NULL DEFAULT '{{}}',
+    errors jsonb,
+    handled_at timestamptz
+);
+"""
+
+# Functions run as their owner (SECURITY DEFINER) so that a role which may
+# write the table but not the event table still writes successfully, and with
+# a fixed search_path so that no caller can redirect what they reference.
+FUNCTION_HEADER = """
+CREATE OR REPLACE FUNCTION {schema}.{function}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $pgevents$"""
+
+CAPTURE_BODIES = {
+    "insert": """
+BEGIN
+    INSERT INTO {schema}."event" (table_schema, table_name, op, new)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', to_jsonb(n)
+    FROM pgevents_new AS n;
+    IF FOUND THEN
+        PERFORM pg_notify({channel}, '');
+    END IF;
+    RETURN NULL;
+END
+""",
+    # Transition tables hold old and new rows in the same order, so pairing
+    # them by position works for every key, composite keys and no key at all.
+    "update": """
+BEGIN
+    INSERT INTO {schema}."event" (table_schema, table_name, op, old, new)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', o.r, n.r
+    FROM (SELECT row_number() OVER () AS rn, to_jsonb(x) AS r FROM pgevents_old AS x) AS o
+    JOIN (SELECT row_number() OVER () AS rn, to_jsonb(x) AS r FROM pgevents_new AS x) AS n
+        USING (rn)
+    WHERE CASE
+        WHEN TG_NARGS = 0 THEN o.r <> n.r
+        ELSE EXISTS (
+            SELECT FROM unnest(TG_ARGV) AS c(name) WHERE o.r -> c.name IS DISTINCT FROM n.r -> c.name
+        )
+    END
+    ORDER BY rn;
+    IF FOUND THEN
+        PERFORM pg_notify({channel}, '');
+    END IF;
+    RETURN NULL;
+END
+""",
+    "delete": """
+BEGIN
+    INSERT INTO {schema}."event" (table_schema, table_name, op, old)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', to_jsonb(o)
+    FROM pgevents_old AS o;
+    IF FOUND THEN
+        PERFORM pg_notify({channel}, '');
+    END IF;
+    RETURN NULL;
+END
+""",
+}
+
+TRANSITION_TABLES = {
+    "insert": "NEW TABLE AS pgevents_new",
+    "update": "OLD TABLE AS pgevents_old NEW TABLE AS pgevents_new",
+    "delete": "OLD TABLE AS pgevents_old",
+}
+
+CREATE_TRIGGER = """
+DROP TRIGGER IF EXISTS {trigger} ON {table};
+CREATE TRIGGER {trigger} AFTER {operation} ON {table}
+REFERENCING {transition_tables}
+FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{function}({arguments});
+"""
+
+DROP_TRIGGER = "DROP TRIGGER IF EXISTS {trigger} ON {table};"
+
+DROP_SCHEMA = "DROP SCHEMA IF EXISTS {schema} CASCADE;"
+
+# Triggers whose function lives in the event schema, with what they watch.
+INSTALLED_TRIGGERS = """
+SELECT tn.nspname, c.relname, t.tgname, p.proname, t.tgargs, t.tgnargs,
+       p.prosrc, t.tgenabled
+FROM pg_catalog.pg_trigger AS t
+JOIN pg_catalog.pg_class AS c ON c.oid = t.tgrelid
+JOIN pg_catalog.pg_namespace AS tn ON tn.oid = c.relnamespace
+JOIN pg_catalog.pg_proc AS p ON p.oid = t.tgfoid
+JOIN pg_catalog.pg_namespace AS pn ON pn.oid = p.pronamespace
+WHERE pn.nspname = %s AND NOT t.tgisinternal
+ORDER BY tn.nspname, c.relname, t.tgname
+"""
+
+SCHEMA_EXISTS = "SELECT to_regclass(%s) IS NOT NULL"
+
+BACKLOG = """
+SELECT count(*) FILTER (WHERE status = 'pending'),
+       min(created_at) FILTER (WHERE status = 'pending'),
+       count(*) FILTER (WHERE status = 'failed'),
+       now()
+FROM {schema}."event"
+"""
+
+# Delivery: claim a batch, settle it, keep or purge handled events.
+CLAIM_BATCH = """
+SELECT id, table_schema, table_name, op, old::text, new::text, created_at, attempt, done_handlers
+FROM {schema}."event"
+WHERE status = 'pending' AND (run_after IS NULL OR run_after <= now())
+ORDER BY id
+LIMIT %s
+FOR UPDATE SKIP LOCKED
+"""
+DELETE_HANDLED = 'DELETE FROM {schema}."event" WHERE id = ANY(%s)'
+MARK_HANDLED = (
+    'UPDATE {schema}."event" SET status = \'done\', handled_at = now(), errors = NULL'
+    " WHERE id = ANY(%s)"
+)
+PURGE_HANDLED = (
+    'DELETE FROM {schema}."event" WHERE status = \'done\''
+    " AND handled_at < now() - %s * interval '1 second'"
+)
+RECORD_FAILURE = """
+UPDATE {schema}."event"
+SET attempt = %s, done_handlers = %s, errors = %s::jsonb, status = %s,
+    run_after = now() + %s * interval '1 second'
+WHERE id = %s
+"""
+
+FAILED_EVENTS = """
+SELECT id, table_schema, table_name, op, created_at, attempt, errors
+FROM {schema}."event" WHERE status = 'failed' ORDER BY id LIMIT %s
+"""
+
+RETRY_FAILED = """
+UPDATE {schema}."event" SET status = 'pending', attempt = 0, run_after = NULL
+WHERE status = 'failed' AND (%s OR id = ANY(%s))
+"""
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier for PostgreSQL, whatever characters it holds."""
+    if "\x00" in name:
+        raise ValueError(f"Identifier {name!r} contains a NUL character.")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """Quote a string literal (standard_conforming_strings is on since 9.1)."""
+    if "\x00" in value:
+        raise ValueError(f"Literal {value!r} contains a NUL character.")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def qualified(table: TableKey) -> str:
+    return f"{quote_ident(table.schema)}.{quote_ident(table.name)}"
+
+
+def trigger_name(schema: str, operation: str) -> str:
+    """The trigger's name: one per operation per table, named after the schema."""
+    return f"{schema}_{operation}"
+
+
+def function_name(operation: str) -> str:
+    return f"capture_{operation}"
+
+
+def function_body(schema: str, operation: str) -> str:
+    """The exact source PostgreSQL stores for a capture function (``prosrc``)."""
+    return CAPTURE_BODIES[operation].format(
+        schema=quote_ident(schema), channel=quote_literal(schema)
+    )
+
+
+def channel_for(schema: str) -> str:
+    """The NOTIFY channel that wakes listeners: the schema's name."""
+    return schema
+
+
+@dataclasses.dataclass(frozen=True)
+class InstalledTrigger:
+    table: TableKey
+    operation: str
+    name: str
+    columns: Optional[frozenset[str]]
+    current: bool
+    enabled: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TriggerStatus:
+    table: TableKey
+    operation: str
+    #: "installed", "outdated", "missing" or "unneeded".
+    state: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Backlog:
+    pending: int
+    oldest_pending_age: Optional[datetime.timedelta]
+    failed: int
+
+
+class TriggerManager:
+    """Installs, compares and removes the event schema and the triggers.
+
+    :param schema: the schema holding the event table and capture functions.
+    """
+
+    def __init__(self, schema: str) -> None:
+        if not schema or "$" in schema:
+            raise ValueError(
+                f"Invalid event schema name {schema!r}: it must be non-empty and"
+                " contain no '$'. Set PGEVENTS_SCHEMA to a plain name."
+            )
+        self.schema = schema
+        self.event_table = f"{quote_ident(schema)}.\"event\""
+
+    # SQL rendering -------------------------------------------------------
+
+    def schema_sql(self) -> list[str]:
+        schema = quote_ident(self.schema)
+        statements = [CREATE_SCHEMA.format(schema=schema)]
+        for op in OPERATIONS:
+            statements.append(
+                FUNCTION_HEADER.format(schema=schema, function=function_name(op))
+                + function_body(self.schema, op)
+                + "$pgevents$;"
+            )
+        return statements
+
+    def trigger_sql(self, table: TableKey, operation: str, columns: Optional[frozenset[str]]) -> str:
+        arguments = ", ".join(quote_literal(c) for c in sorted(columns or ()))
+        return CREATE_TRIGGER.format(
+            trigger=quote_ident(trigger_name(self.schema, operation)),
+            table=qualified(table),
+            operation=operation.upper(),
+            transition_tables=TRANSITION_TABLES[operation],
+            schema=quote_ident(self.schema),
+            function=function_name(operation),
+            arguments=arguments,
+        )
+
+    def drop_trigger_sql(self, table: TableKey, operation: str) -> str:
+        return DROP_TRIGGER.format(
+            trigger=quote_ident(trigger_name(self.schema, operation)), table=qualified(table)
+        )
+
+    def install_sql(
+        self,
+        needed: dict[tuple[TableKey, str], Optional[frozenset[str]]],
+        installed: Sequence[InstalledTrigger] = (),
+    ) -> list[str]:
+        """Statements that make the database hold exactly the needed triggers."""
+        statements = self.schema_sql()
+        for trig in installed:
+            if (trig.table, trig.operation) not in needed:
+                statements.append(self.drop_trigger_sql(trig.table, trig.operation))
+        for (table, op), columns in sorted(needed.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            statements.append(self.trigger_sql(table, op, columns))
+        return statements
+
+    def uninstall_sql(self, installed: Sequence[InstalledTrigger], *, drop_schema: bool = False) -> list[str]:
+        statements = [self.drop_trigger_sql(t.table, t.operation) for t in installed]
+        if drop_schema:
+            statements.append(DROP_SCHEMA.format(schema=quote_ident(self.schema)))
+        return statements
+
+    def failed_events(self, cursor: Any, limit: int) -> list[dict[str, Any]]:
+        if not self.schema_exists(cursor):
+            return []
+        cursor.execute(FAILED_EVENTS.format(schema=quote_ident(self.schema)), (limit,))
+        return [
+            {
+                "id": id_, "table": f"{schema}.{table}", "op": op, "timestamp": created_at,
+                "attempt": attempt, "errors": errors if isinstance(errors, dict) else json.loads(errors or "{}"),
+            }
+            for id_, schema, table, op, created_at, attempt, errors in cursor.fetchall()
+        ]
+
+    def retry_failed(self, cursor: Any, event_ids: Optional[Sequence[int]]) -> int:
+        if not self.schema_exists(cursor):
+            return 0
+        cursor.execute(
+            RETRY_FAILED.format(schema=quote_ident(self.schema)),
+            (event_ids is None, list(event_ids or [])),
+        )
+        count = int(cursor.rowcount)
+        if count:
+            cursor.execute("SELECT pg_notify(%s, '')", (channel_for(self.schema),))
+        return count
+
+    # Reading the catalog ---------------------------------------------------
+
+    def installed(self, cursor: Any) -> list[InstalledTrigger]:
+        """The capture triggers present in the database."""
+        cursor.execute(INSTALLED_TRIGGERS, (self.schema,))
+        found = []
+        for schema, table, name, function, args, nargs, source, enabled in cursor.fetchall():
+            if not function.startswith("capture_"):
+                continue
+            operation = function[len("capture_"):]
+            if operation not in OPERATIONS:
+                continue
+            values = [a.decode() for a in bytes(args).split(b"\x00")[:nargs]]
+            columns = frozenset(values) if values else None
+            current = (
+                name == trigger_name(self.schema, operation)
+                and source == function_body(self.schema, operation)
+            )
+            found.append(
+                InstalledTrigger(TableKey(schema, table), operation, name, columns, current, enabled != "D")
+            )
+        return found
+
+    def status(
+        self,
+        cursor: Any,
+        needed: dict[tuple[TableKey, str], Optional[frozenset[str]]],
+    ) -> list[TriggerStatus]:
+        """Compare needed triggers with installed ones."""
+        installed = {(t.table, t.operation): t for t in self.installed(cursor)}
+        report = []
+        for key in sorted(set(needed) | set(installed), key=lambda k: (str(k[0]), k[1])):
+            trig = installed.get(key)
+            if key not in needed:
+                state = "unneeded"
+            elif trig is None:
+                state = "missing"
+            elif not trig.current or trig.columns != needed[key] or not trig.enabled:
+                state = "outdated"
+            else:
+                state = "installed"
+            report.append(TriggerStatus(key[0], key[1], state))
+        return report
+
+    def schema_exists(self, cursor: Any) -> bool:
+        cursor.execute(SCHEMA_EXISTS, (self.event_table,))
+        return bool(cursor.fetchone()[0])
+
+    def backlog(self, cursor: Any) -> Optional[Backlog]:
+        if not self.schema_exists(cursor):
+            return None
+        cursor.execute(BACKLOG.format(schema=quote_ident(self.schema)))
+        pending, oldest, failed, now = cursor.fetchone()
+        return Backlog(pending, (now - oldest) if oldest is not None else None, failed)
