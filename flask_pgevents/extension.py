@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "PGEVENTS_SCHEMA": "pgevents",
     "PGEVENTS_AUTOSTART": True,
     "PGEVENTS_BATCH_SIZE": 500,
-    "PGEVENTS_POLL_INTERVAL": 1.0,
+    "PGEVENTS_POLL_INTERVAL": 0.5,
     "PGEVENTS_MAX_ATTEMPTS": 5,
     "PGEVENTS_RETRY_BACKOFF": 1.0,
     "PGEVENTS_RETRY_BACKOFF_MAX": 300.0,
@@ -418,24 +418,26 @@ class PGEvents:
         return listener_module.process_pending(self._state(app), timeout)
 
 
+# Pre-fork servers (gunicorn, uWSGI with preload) load the app, then fork
+# workers. The listener is stopped before a fork, so no thread or connection
+# crosses it, and started again on both sides: each worker gets its own.
 def _before_fork() -> None:
     for listener in list(listener_module._live_listeners):
-        listener.resume_after_fork = listener.running  # type: ignore[attr-defined]
-        if listener.resume_after_fork:  # type: ignore[attr-defined]
+        listener.resume_after_fork = listener.running
+        if listener.resume_after_fork:
             listener.stop()
 
 
 def _after_fork_in_parent() -> None:
     for listener in list(listener_module._live_listeners):
-        if getattr(listener, "resume_after_fork", False):
+        if listener.resume_after_fork:
             listener.start()
 
 
 def _after_fork_in_child() -> None:
-    # A fresh listener with its own connection: nothing crosses the fork.
     for listener in list(listener_module._live_listeners):
         listener.abandon_after_fork()
-        if getattr(listener, "resume_after_fork", False):
+        if listener.resume_after_fork:
             listener.start()
 
 

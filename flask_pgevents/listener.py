@@ -52,6 +52,10 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 CONNECTION_ERRORS = _connection_errors()
 
+#: A batch whose handlers run longer than this settles early and releases
+#: the events it has not reached, so that other processes can take them.
+MAX_BATCH_SECONDS = 1.0
+
 
 class Backoff:
     """Exponential backoff with full jitter, bounded.
@@ -119,10 +123,13 @@ class Dispatcher:
         state = self.state
         handled: list[int] = []
         failures: list[tuple[Any, ...]] = []
+        started = time.monotonic()
         with state.app.app_context():
             for event_id, schema, table, op, old, new, created_at, attempt, done in rows:
                 if stop is not None and stop.is_set():
-                    break  # leave the rest claimed by nobody once we commit
+                    break  # the rest is released when the batch commits
+                if time.monotonic() - started > MAX_BATCH_SECONDS:
+                    break  # slow handlers: let other processes take the rest
                 key = TableKey(schema, table)
                 subscriptions = state.registry.handlers_for(key, op)
                 info = state.table_info(key)
@@ -226,6 +233,8 @@ class Listener:
         os.set_blocking(self._wake_r, False)
         self._pid = os.getpid()
         self.connected = threading.Event()
+        #: Set by the fork hooks: the listener ran when this process forked.
+        self.resume_after_fork = False
         _live_listeners.add(self)
 
     @property

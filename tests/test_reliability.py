@@ -1,0 +1,331 @@
+"""Faults: dropped connections, server restarts, kill -9, concurrency, failing handlers, stop."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+import reliability_app
+from conftest import wait_until
+from flask_pgevents.embedded import EmbeddedPostgres
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def listener_backends(conn: psycopg.Connection) -> list[int]:
+    rows = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgevents-listener'"
+        " AND datname = current_database()"
+    ).fetchall()
+    return [pid for (pid,) in rows]
+
+
+class Listeners:
+    """`flask pgevents listen` subprocesses on the reliability app; always cleaned up."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.procs: list[tuple[subprocess.Popen[str], Any]] = []
+
+    def start(self, **env: str) -> subprocess.Popen[str]:
+        log = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", "tests/reliability_app.py:create_app", "pgevents", "listen"],
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": self.database_url, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.procs.append((proc, log))
+        return proc
+
+    def output(self, proc: subprocess.Popen[str]) -> str:
+        for candidate, log in self.procs:
+            if candidate is proc:
+                log.seek(0)
+                return log.read()
+        raise KeyError(proc)
+
+    def close(self) -> None:
+        for proc, log in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            log.close()
+
+
+@pytest.fixture
+def listeners(database_url: str) -> Iterator[Listeners]:
+    group = Listeners(database_url)
+    yield group
+    group.close()
+
+
+@pytest.fixture
+def reliability_db(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The reliability app's tables and triggers in the test database."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    app = reliability_app.create_app()
+    with app.app_context():
+        reliability_app.db.create_all()
+        reliability_app.pgevents.install_triggers()
+    yield app
+    with app.app_context():
+        reliability_app.db.engine.dispose()
+
+
+def handled_by(conn: psycopg.Connection) -> dict[int, list[int]]:
+    rows = conn.execute("SELECT item_id, pid FROM handled WHERE stage = 'done' ORDER BY id").fetchall()
+    result: dict[int, list[int]] = {}
+    for item_id, pid in rows:
+        result.setdefault(item_id, []).append(pid)
+    return result
+
+
+def _thing_app(make_app: Any, **config: Any) -> Any:
+    app, db, pgevents = make_app(**config)
+
+    class Thing(db.Model):
+        __tablename__ = "thing"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(sa.String, nullable=False)
+
+    pgevents.init_app(app)
+    with app.app_context():
+        db.create_all()
+    return app, db, pgevents, Thing
+
+
+def test_terminated_backend_is_replaced_and_next_event_handled_within_2s(make_app, other_service, recorder):
+    app, db, pgevents, Thing = _thing_app(make_app)
+    pgevents.listen(Thing, "after_insert", recorder)
+    with app.app_context():
+        pgevents.install_triggers()
+    pgevents.start(app)
+    (old_pid,) = wait_until(lambda: listener_backends(other_service))
+    other_service.execute("SELECT pg_terminate_backend(%s)", (old_pid,))
+    started = time.monotonic()
+    other_service.execute("INSERT INTO thing (name) VALUES ('after')")
+    recorder.wait_for(1, timeout=2.0)
+    assert time.monotonic() - started < 2.0
+    assert [e.new["name"] for e in recorder.events] == ["after"]
+    (new_pid,) = wait_until(lambda: listener_backends(other_service))
+    assert new_pid != old_pid
+
+
+@pytest.fixture
+def own_server() -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres()
+    yield server
+    server.stop()
+
+
+def test_server_restart_mid_stream_loses_nothing(own_server, driver, make_app, recorder):
+    # A dedicated server: restarting it must not disturb the other tests' one.
+    url = own_server.url(driver=driver)
+    libpq = own_server.url()
+    app, db, pgevents, Thing = _thing_app(
+        make_app, SQLALCHEMY_DATABASE_URI=url, PGEVENTS_RECONNECT_BACKOFF_MAX=0.5
+    )
+    pgevents.listen(Thing, "after_insert", recorder)
+    with app.app_context():
+        pgevents.install_triggers()
+    pgevents.start(app)
+    committed: list[int] = []
+    stop_writing = threading.Event()
+
+    def write() -> None:
+        i = 0
+        while not stop_writing.is_set():
+            try:
+                with psycopg.connect(libpq, autocommit=True) as conn:
+                    while not stop_writing.is_set():
+                        i += 1
+                        conn.execute("INSERT INTO thing (id, name) VALUES (%s, 'x')", (i,))
+                        committed.append(i)
+            except psycopg.OperationalError:
+                stop_writing.wait(0.05)  # the server is restarting
+
+    writer = threading.Thread(target=write, name="test-writer")
+    writer.start()
+    try:
+        wait_until(lambda: len(recorder.events) >= 50)
+        own_server.restart()
+        count = len(committed)
+        wait_until(lambda: len(committed) > count + 50, timeout=20)
+    finally:
+        stop_writing.set()
+        writer.join(10)
+    wait_until(lambda: {e.new["id"] for e in recorder.events} >= set(committed), timeout=20)
+    assert {e.new["id"] for e in recorder.events} == set(committed)
+    pgevents.stop(timeout=5, app=app)
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_events_of_a_killed_listener_are_handled_by_another_within_a_second(
+    reliability_db, listeners, other_service
+):
+    slow = listeners.start(SLOW_SECONDS="300")
+    wait_until(lambda: len(listener_backends(other_service)) == 1)
+    other_service.execute("INSERT INTO item (name) VALUES ('slow'), ('a'), ('b'), ('c')")
+    wait_until(lambda: other_service.execute("SELECT count(*) FROM handled WHERE stage = 'started'").fetchone()[0])
+    fast = listeners.start()
+    wait_until(lambda: len(listener_backends(other_service)) == 2)
+    assert handled_by(other_service) == {}  # the slow process holds all four
+    os.kill(slow.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    handled = wait_until(lambda: len(handled_by(other_service)) == 4 and handled_by(other_service), timeout=5)
+    assert time.monotonic() - killed_at < 2.0
+    assert {pids[0] for pids in handled.values()} == {fast.pid}
+    assert all(len(pids) == 1 for pids in handled.values())
+
+
+def test_four_listeners_four_writers_handle_every_event_exactly_once(
+    reliability_db, listeners, other_service, libpq_url
+):
+    total, writers = 20_000, 4
+    for _ in range(4):
+        listeners.start()
+    wait_until(lambda: len(listener_backends(other_service)) == 4, timeout=20)
+
+    def write(offset: int) -> None:
+        with psycopg.connect(libpq_url, autocommit=True) as conn:
+            per_writer = total // writers
+            for start in range(0, per_writer, 50):
+                # Mix single-row and multi-row statements.
+                ids = range(offset + start, offset + start + 50)
+                if start % 100:
+                    conn.execute("INSERT INTO item (id, name) SELECT g, 'w' FROM unnest(%s::int[]) g", (list(ids),))
+                else:
+                    for i in ids:
+                        conn.execute("INSERT INTO item (id, name) VALUES (%s, 'w')", (i,))
+
+    threads = [threading.Thread(target=write, args=(w * total,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    wait_until(
+        lambda: other_service.execute("SELECT count(*) FROM handled").fetchone()[0] >= total, timeout=120
+    )
+    count, distinct_events, distinct_items, processes = other_service.execute(
+        "SELECT count(*), count(DISTINCT event_id), count(DISTINCT item_id), count(DISTINCT pid) FROM handled"
+    ).fetchone()
+    assert (count, distinct_events, distinct_items) == (total, total, total)
+    assert processes >= 2
+    assert other_service.execute("SELECT count(*) FROM pgevents.event").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_finishes_the_handler_and_releases_the_rest(
+    reliability_db, listeners, other_service, signum
+):
+    proc = listeners.start(SLOW_SECONDS="1.5")
+    wait_until(lambda: listener_backends(other_service))
+    other_service.execute("INSERT INTO item (name) VALUES ('slow'), ('a'), ('b')")
+    wait_until(lambda: other_service.execute("SELECT count(*) FROM handled WHERE stage = 'started'").fetchone()[0])
+    proc.send_signal(signum)
+    assert proc.wait(timeout=15) == 0, listeners.output(proc)
+    # The handler in progress finished; the two it had not reached are free.
+    assert list(handled_by(other_service)) == [1]
+    free = other_service.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM pgevents.event FOR UPDATE SKIP LOCKED) AS e"
+    ).fetchone()[0]
+    assert free == 2
+    assert "Listener stopped." in listeners.output(proc)
+
+
+def test_stop_waits_for_the_handler_in_progress(make_app, other_service):
+    app, db, pgevents, Thing = _thing_app(make_app)
+    started, finished = threading.Event(), threading.Event()
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def slow(event):
+        started.set()
+        time.sleep(0.5)
+        finished.set()
+
+    with app.app_context():
+        pgevents.install_triggers()
+    pgevents.start(app)
+    other_service.execute("INSERT INTO thing (name) VALUES ('a'), ('b')")
+    assert started.wait(10)
+    assert pgevents.stop(timeout=10, app=app)
+    assert finished.is_set()
+    pending = other_service.execute("SELECT count(*) FROM pgevents.event").fetchone()[0]
+    assert pending == 1  # 'b' was released, not lost
+
+
+def test_retries_are_per_handler_with_counted_attempts(make_app, other_service):
+    app, db, pgevents, Thing = _thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=5, PGEVENTS_RETRY_BACKOFF=0.01)
+    calls: dict[str, list[int]] = {"steady": [], "flaky": []}
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def steady(event):
+        calls["steady"].append(event.attempt)
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def flaky(event):
+        calls["flaky"].append(event.attempt)
+        if event.attempt < 3:
+            raise ValueError("not yet")
+
+    with app.app_context():
+        pgevents.install_triggers()
+    other_service.execute("INSERT INTO thing (name) VALUES ('a')")
+    with app.app_context():
+        wait_until(lambda: pgevents.process_pending() and not calls["flaky"][-1] < 3, timeout=10)
+    assert calls == {"steady": [1], "flaky": [1, 2, 3]}
+    assert other_service.execute("SELECT count(*) FROM pgevents.event").fetchone()[0] == 0
+
+
+def test_last_failed_attempt_is_kept_with_error_and_traceback(make_app, other_service):
+    app, db, pgevents, Thing = _thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=2, PGEVENTS_RETRY_BACKOFF=0.01)
+    attempts: list[int] = []
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def broken(event):
+        attempts.append(event.attempt)
+        raise KeyError("missing thing")
+
+    with app.app_context():
+        pgevents.install_triggers()
+    other_service.execute("INSERT INTO thing (name) VALUES ('a')")
+    with app.app_context():
+        wait_until(lambda: pgevents.process_pending() == 0 and pgevents.failed_events(), timeout=10)
+        (failed,) = pgevents.failed_events()
+        assert attempts == [1, 2]
+        assert failed["attempt"] == 2
+        (error,) = failed["errors"].values()
+        assert error["error"] == "KeyError: 'missing thing'"
+        assert 'raise KeyError("missing thing")' in error["traceback"]
+        assert pgevents.retry_failed(event_ids=[failed["id"]]) == 1
+        assert pgevents.process_pending() == 1
+        assert attempts == [1, 2, 1]
+
+
+def test_retention_keeps_handled_events_then_purges_them(make_app, other_service, recorder):
+    app, db, pgevents, Thing = _thing_app(make_app, PGEVENTS_RETENTION=0.5)
+    pgevents.listen(Thing, "after_insert", recorder)
+    with app.app_context():
+        pgevents.install_triggers()
+    other_service.execute("INSERT INTO thing (name) VALUES ('a'), ('b')")
+    pgevents.start(app)
+    recorder.wait_for(2)
+    # Kept a while after being handled (the batch commits just after the handlers ran).
+    wait_until(
+        lambda: other_service.execute("SELECT count(*) FROM pgevents.event WHERE status = 'done'").fetchone()[0] == 2
+    )
+    wait_until(lambda: other_service.execute("SELECT count(*) FROM pgevents.event").fetchone()[0] == 0, timeout=10)
+    assert len(recorder.events) == 2
