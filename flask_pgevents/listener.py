@@ -57,6 +57,11 @@ CONNECTION_ERRORS = _connection_errors()
 MAX_BATCH_SECONDS = 1.0
 
 
+def sqlstate(exc: BaseException) -> Optional[str]:
+    """The SQLSTATE of a psycopg or psycopg2 error, if it has one."""
+    return getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+
+
 class Backoff:
     """Exponential backoff with full jitter, bounded.
 
@@ -310,15 +315,32 @@ class Listener:
                     str(exc).strip() or type(exc).__name__, delay,
                 )
                 self._stop.wait(delay)
-            except Exception:  # noqa: BLE001 - the loop logs and never dies
+            except Exception as exc:  # noqa: BLE001 - the loop logs and never dies
                 delay = reconnect.next_delay()
-                logger.exception("pgevents listener error; restarting in %.2f s.", delay)
+                self._log_failure(exc, delay)
                 self._stop.wait(delay)
             finally:
                 self.connected.clear()
                 if conn is not None:
                     conn.close()
         logger.info("pgevents listener stopped (pid %s).", os.getpid())
+
+    def _log_failure(self, exc: Exception, delay: float) -> None:
+        schema = self.state.config.schema
+        code = sqlstate(exc)
+        if code == "42P01":  # undefined_table
+            logger.warning(
+                "The event table %s.event does not exist; run 'flask pgevents"
+                " install-triggers'. Checking again in %.2f s.", schema, delay,
+            )
+        elif code == "42501":  # insufficient_privilege
+            logger.error(
+                "The listener's role may not use the event table (%s). Grant it:"
+                " GRANT USAGE ON SCHEMA %s TO <role>; GRANT SELECT, UPDATE, DELETE ON"
+                " %s.event TO <role>. Retrying in %.2f s.", str(exc).strip(), schema, schema, delay,
+            )
+        else:
+            logger.exception("pgevents listener error; restarting in %.2f s.", delay)
 
     def _loop(self, conn: Connection, dispatcher: Dispatcher) -> None:
         import select
