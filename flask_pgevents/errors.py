@@ -18,6 +18,14 @@ class UnknownColumnError(PGEventsError, ValueError):
     """``columns=`` names a column the table does not have, or is misused."""
 
 
+class InvalidHandlerError(PGEventsError, TypeError):
+    """A handler that cannot be called."""
+
+
+class UnknownHandlerError(PGEventsError, ValueError):
+    """``remove`` was given a handler that is not registered for that event."""
+
+
 class ConfigurationError(PGEventsError, RuntimeError):
     """The app's configuration cannot work: no database, not PostgreSQL, ..."""
 

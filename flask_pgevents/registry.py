@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import sqlalchemy as sa
 
-from .errors import UnknownColumnError, UnknownEventError, UnmappedTargetError
+from .errors import (
+    InvalidHandlerError,
+    UnknownColumnError,
+    UnknownEventError,
+    UnknownHandlerError,
+    UnmappedTargetError,
+)
 
 #: Public event names mapped to the operation stored for them.
 EVENT_OPERATIONS = {
@@ -47,14 +54,31 @@ class Subscription:
 
 
 def handler_name(fn: Handler) -> str:
-    """The name under which a handler's success or failure is recorded."""
-    module = getattr(fn, "__module__", None) or "?"
-    qualname = getattr(fn, "__qualname__", None) or repr(fn)
+    """The name under which a handler's success or failure is recorded.
+
+    Built from module and qualified name, never from a memory address, so
+    that every process gives a handler the same name.
+    """
+    if isinstance(fn, functools.partial):
+        return f"{handler_name(fn.func)}(partial)"
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):  # a callable instance: name its class
+        qualname = type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__ or "?"
     return f"{module}.{qualname}"
 
 
 def _describe(target: Any) -> str:
-    return getattr(target, "__name__", None) or str(target)
+    if isinstance(target, type):
+        return target.__name__
+    if isinstance(target, sa.Table):
+        return target.fullname
+    return str(target)
+
+
+def _event_names(identifier: Any) -> str:
+    names = [identifier] if isinstance(identifier, str) else list(identifier)
+    return ", ".join(repr(name) for name in names)
 
 
 def resolve_target(target: Target) -> tuple[TableKey, Optional[type], Optional[sa.Table]]:
@@ -64,22 +88,32 @@ def resolve_target(target: Target) -> tuple[TableKey, Optional[type], Optional[s
     """
     if isinstance(target, str):
         schema, dot, name = target.rpartition(".")
-        if not name:
+        if not name or (dot and not schema):
             raise UnmappedTargetError(
-                f"Empty table name in target {target!r}. Pass 'table' or 'schema.table'."
+                f"Table name {target!r} is incomplete. Pass 'table' or 'schema.table'."
             )
         return TableKey(schema if dot else "public", name), None, None
     if isinstance(target, sa.Table):
         return TableKey(target.schema or "public", target.name), None, target
     if isinstance(target, type):
-        mapper = sa.inspect(target, raiseerr=False)
+        mapper: Any = sa.inspect(target, raiseerr=False)
         if mapper is not None and isinstance(getattr(mapper, "local_table", None), sa.Table):
             table = mapper.local_table
             return TableKey(table.schema or "public", table.name), target, table
+        raise UnmappedTargetError(
+            f"Cannot listen to {target.__name__!r}: it is not a mapped class. Pass a"
+            " Flask-SQLAlchemy model or other mapped class, a sqlalchemy.Table, or a"
+            " table name such as 'public.user'."
+        )
+    if sa.inspect(type(target), raiseerr=False) is not None:
+        model = type(target).__name__
+        raise UnmappedTargetError(
+            f"Cannot listen to an instance of {model!r}: events are per table. Pass"
+            f" the class {model} itself."
+        )
     raise UnmappedTargetError(
-        f"Cannot listen to {_describe(target)!r}: it is not a mapped class. Pass a"
-        " Flask-SQLAlchemy model or other mapped class, a sqlalchemy.Table, or a"
-        " table name such as 'public.user'."
+        f"Cannot listen to {target!r}: a target must be a mapped class, a"
+        " sqlalchemy.Table, or a table name such as 'public.user'. Pass one of those."
     )
 
 
@@ -88,21 +122,44 @@ def resolve_operations(identifier: Union[str, Sequence[str]], target: Any) -> li
 
     :raises UnknownEventError: for a name that is not an event.
     """
-    names = [identifier] if isinstance(identifier, str) else list(identifier)
-    if not names:
+    expected = "Expected one of 'after_insert', 'after_update', 'after_delete'."
+    if isinstance(identifier, str):
+        names: list[Any] = [identifier]
+    elif isinstance(identifier, (list, tuple, set, frozenset)):
+        names = list(identifier)
+    elif callable(identifier):
         raise UnknownEventError(
-            f"No event given for {_describe(target)!r}. Expected one of"
-            " 'after_insert', 'after_update', 'after_delete'."
+            f"Expected an event name for {_describe(target)!r}, got the function"
+            f" {handler_name(identifier)!r}. The event name comes before the handler:"
+            " listen(target, 'after_insert', fn)."
         )
+    else:
+        raise UnknownEventError(f"No such event {identifier!r} for {_describe(target)!r}. {expected}")
+    if not names:
+        raise UnknownEventError(f"No event given for {_describe(target)!r}. {expected}")
     operations = []
     for name in names:
-        if name not in EVENT_OPERATIONS:
+        if not isinstance(name, str) or name not in EVENT_OPERATIONS:
             raise UnknownEventError(
-                f"No such event {name!r} for {_describe(target)!r}. Expected one of"
-                " 'after_insert', 'after_update', 'after_delete'."
+                f"No such event {name!r} for {_describe(target)!r}. {expected}"
             )
-        operations.append(EVENT_OPERATIONS[name])
+        if EVENT_OPERATIONS[name] not in operations:
+            operations.append(EVENT_OPERATIONS[name])
     return operations
+
+
+def _column_names(sa_table: sa.Table, model: Optional[type]) -> dict[str, str]:
+    """Every name a column may be given by (database name, Column key, mapped
+    attribute) mapped to its database name."""
+    names = {c.name: c.name for c in sa_table.columns}
+    names.update((c.key, c.name) for c in sa_table.columns)
+    if model is not None:
+        mapper: Any = sa.inspect(model)
+        for prop in mapper.column_attrs:
+            column = prop.columns[0]
+            if isinstance(column, sa.Column) and column.table is sa_table:
+                names.setdefault(prop.key, column.name)
+    return names
 
 
 def _check_columns(
@@ -110,37 +167,54 @@ def _check_columns(
     operations: list[str],
     target: Any,
     sa_table: Optional[sa.Table],
+    model: Optional[type] = None,
 ) -> Optional[frozenset[str]]:
     if columns is None:
         return None
     if isinstance(columns, str):
         columns = [columns]
-    wanted = frozenset(columns)
-    if operations != ["update"]:
+    if "update" not in operations or len(operations) > 1:
+        others = ", ".join(repr("after_" + op) for op in operations if op != "update")
+        fix = (
+            "Register the 'after_update' handler with columns= in its own call."
+            if "update" in operations
+            else "Remove columns=, or listen to 'after_update'."
+        )
         raise UnknownColumnError(
             f"'columns' applies to 'after_update' only, but the handler for"
-            f" {_describe(target)!r} also listens to"
-            f" {', '.join(repr('after_' + op) for op in operations if op != 'update')}."
-            " Register the update handler separately."
+            f" {_describe(target)!r} {'also ' if 'update' in operations else ''}listens"
+            f" to {others}. {fix}"
         )
+    columns = list(columns)
+    for column in columns:
+        if not isinstance(column, str):
+            # Most likely a mapped attribute such as User.email: suggest its name.
+            key = getattr(column, "key", None)
+            shown, fix = (column, f"Pass {key!r} instead.") if isinstance(key, str) else (
+                repr(column), "Pass column names."
+            )
+            raise UnknownColumnError(
+                f"'columns' for {_describe(target)!r} must be column names (strings),"
+                f" got {shown}. {fix}"
+            )
+    wanted = frozenset(columns)
     if not wanted:
         raise UnknownColumnError(
             f"'columns' for {_describe(target)!r} is empty. Pass at least one column"
             " name, or None to fire on any change."
         )
     if sa_table is not None:
-        known = set(sa_table.columns.keys()) | {c.name for c in sa_table.columns}
-        unknown = sorted(wanted - known)
+        database_names = _column_names(sa_table, model)
+        unknown = sorted(wanted - database_names.keys())
         if unknown:
+            of_model = f" of model {target.__name__!r}" if isinstance(target, type) else ""
             raise UnknownColumnError(
-                f"No column {', '.join(map(repr, unknown))} in table"
-                f" {sa_table.fullname!r} of {_describe(target)!r}. Expected some of"
+                f"No column{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+                f" in table {sa_table.fullname!r}{of_model}. Pass one or more of"
                 f" {', '.join(repr(c.name) for c in sa_table.columns)}."
             )
-        # Keys may differ from database names: store database names.
-        wanted = frozenset(
-            sa_table.columns[c].name if c in sa_table.columns.keys() else c for c in wanted
-        )
+        # The trigger compares database columns: store their names.
+        wanted = frozenset(database_names[c] for c in wanted)
     return wanted
 
 
@@ -160,40 +234,72 @@ class Registry:
         *,
         columns: Optional[Iterable[str]] = None,
     ) -> list[Subscription]:
-        """Validate and store a handler; return the subscriptions it made."""
-        if not callable(fn):
-            raise TypeError(f"Handler {fn!r} is not callable.")
+        """Validate and store a handler; return the subscriptions it made.
+
+        :raises UnmappedTargetError, UnknownEventError, UnknownColumnError,
+            InvalidHandlerError: for bad input, before anything is stored.
+        """
         table_key, model, sa_table = resolve_target(target)
         operations = resolve_operations(identifier, target)
-        wanted = _check_columns(columns, operations, target, sa_table)
-        added = [
-            Subscription(table_key, op, fn, wanted, handler_name(fn), model, sa_table)
-            for op in operations
-        ]
+        if not callable(fn):
+            raise InvalidHandlerError(
+                f"The handler for {_event_names(identifier)} on {_describe(target)!r} is"
+                f" not callable: got {fn!r}. Pass a function that takes one Event."
+            )
+        wanted = _check_columns(columns, operations, target, sa_table, model)
+        added = []
         with self._lock:
-            for sub in added:
+            for op in operations:
+                sub = Subscription(
+                    table_key, op, fn, wanted, self._name_for(table_key, op, fn), model, sa_table
+                )
                 if not any(self._same(sub, old) for old in self._subscriptions):
                     self._subscriptions.append(sub)
+                added.append(sub)
             self._reindex()
         return added
 
+    def _name_for(self, table: TableKey, operation: str, fn: Handler) -> str:
+        # Handlers made by one factory, or bound methods of two instances,
+        # share a qualified name; number them so that each one's success is
+        # recorded apart. Registration order is the same in every process.
+        taken = set()
+        for sub in self._subscriptions:
+            if (sub.table, sub.operation) == (table, operation):
+                if sub.handler == fn:
+                    return sub.name
+                taken.add(sub.name)
+        base = name = handler_name(fn)
+        number = 2
+        while name in taken:
+            name = f"{base}#{number}"
+            number += 1
+        return name
+
     def remove(self, target: Target, identifier: Union[str, Sequence[str]], fn: Handler) -> None:
-        """Remove a handler; raise ``ValueError`` if it was not registered."""
+        """Remove a handler from every event named; nothing is removed on error.
+
+        :raises UnknownHandlerError: if it is not registered for one of them.
+        """
         table_key, _, _ = resolve_target(target)
         operations = resolve_operations(identifier, target)
         with self._lock:
+            doomed = []
             for op in operations:
+                # == and not "is": each access to obj.method makes a new bound method.
                 matches = [
                     s for s in self._subscriptions
-                    if s.table == table_key and s.operation == op and s.handler is fn
+                    if s.table == table_key and s.operation == op and s.handler == fn
                 ]
                 if not matches:
-                    raise ValueError(
-                        f"Handler {handler_name(fn)!r} is not registered for"
-                        f" 'after_{op}' on {str(table_key)!r}."
+                    raise UnknownHandlerError(
+                        f"Handler {handler_name(fn)!r} is not registered for 'after_{op}'"
+                        f" on table {str(table_key)!r}. Pass the same target, event name"
+                        " and function that were given to listen() or listens_for()."
                     )
-                for match in matches:
-                    self._subscriptions.remove(match)
+                doomed.extend(matches)
+            for sub in doomed:
+                self._subscriptions.remove(sub)
             self._reindex()
 
     @staticmethod
