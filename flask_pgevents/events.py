@@ -90,12 +90,14 @@ def _to_interval(value: Any) -> Any:
         return value
     parts = match.groupdict()
     days = int(parts["years"] or 0) * 365 + int(parts["months"] or 0) * 30 + int(parts["days"] or 0)
-    seconds = 0.0
+    microseconds = 0
     if parts["hours"] is not None:
-        seconds = int(parts["hours"]) * 3600 + int(parts["minutes"]) * 60 + float(parts["seconds"])
+        # Whole microseconds: a float of seconds loses them beyond ~2**53 µs.
+        seconds = int(parts["hours"]) * 3600 + int(parts["minutes"]) * 60
+        microseconds = seconds * 1_000_000 + int(decimal.Decimal(parts["seconds"]) * 1_000_000)
         if parts["sign"] == "-":
-            seconds = -seconds
-    return datetime.timedelta(days=days, seconds=seconds)
+            microseconds = -microseconds
+    return datetime.timedelta(days=days, microseconds=microseconds)
 
 
 def _to_bytes(value: Any) -> Any:
@@ -112,7 +114,8 @@ def _to_uuid(value: Any) -> Any:
 
 
 def _to_float(value: Any) -> Any:
-    return float(value) if isinstance(value, (int, decimal.Decimal)) else value
+    # JSON has no NaN or infinities: PostgreSQL writes them as "NaN", "Infinity".
+    return float(value) if isinstance(value, (int, decimal.Decimal, str)) else value
 
 
 def _to_decimal(value: Any) -> Any:
@@ -139,8 +142,20 @@ def converter_for(type_: sa.types.TypeEngine, dialect: sa.engine.Dialect) -> Opt
 
     ``None`` means the JSON value is already right (text, integers, booleans).
     """
+    # Before TypeDecorator: sa.Interval is one, emulating the native INTERVAL
+    # that PostgreSQL stores and SQLAlchemy loads as a timedelta.
+    if isinstance(type_, (sa.Interval, postgresql.INTERVAL)):
+        return _to_interval
+    if isinstance(type_, sa.PickleType):
+        # The one built-in decorator that loads in result_processor, not in
+        # process_result_value: unpickle the stored bytes here.
+        loads = type_.pickler.loads
+        return lambda value: loads(_to_bytes(value))
     if isinstance(type_, sa.types.TypeDecorator):
         inner = converter_for(type_.impl_instance, dialect)
+        if type(type_).process_result_value is sa.types.TypeDecorator.process_result_value:
+            # Only binds are decorated: values load as the impl's.
+            return inner
         process = type_.process_result_value
 
         def decorated(value: Any) -> Any:
@@ -159,8 +174,6 @@ def converter_for(type_: sa.types.TypeEngine, dialect: sa.engine.Dialect) -> Opt
         return _to_date
     if isinstance(type_, sa.Time):
         return _to_time
-    if isinstance(type_, sa.Interval) or isinstance(type_, postgresql.INTERVAL):
-        return _to_interval
     if isinstance(type_, sa.LargeBinary):
         return _to_bytes
     if isinstance(type_, sa.Uuid):
@@ -197,7 +210,14 @@ def changed_columns(old: Optional[Mapping[str, Any]], new: Optional[Mapping[str,
     """Names of the columns whose value differs between two versions of a row."""
     if old is None or new is None:
         return frozenset()
-    return frozenset(k for k in new.keys() | old.keys() if old.get(k) != new.get(k))
+    return frozenset(k for k in new.keys() | old.keys() if not _same(old.get(k), new.get(k)))
+
+
+def _same(old: Any, new: Any) -> bool:
+    # NaN differs from itself, but a NaN left as it was is no change.
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(map(_same, old, new))
+    return bool(old == new) or (old != old and new != new)
 
 
 _UNSET: Any = object()
@@ -224,6 +244,7 @@ class Event:
     changed: FrozenSet[str]
     timestamp: datetime.datetime
     attempt: int
+    _target: Any
 
     def __init__(
         self,
@@ -280,7 +301,7 @@ def build_instance(model: Optional[type], row: Optional[Mapping[str, Any]]) -> A
     """A transient instance of ``model`` with the row's values, or ``None``."""
     if model is None or row is None:
         return None
-    mapper = sa.inspect(model)
+    mapper: sa.orm.Mapper[Any] = sa.inspect(model)
     instance = mapper.class_manager.new_instance()
     for prop in mapper.column_attrs:
         column = prop.columns[0]
