@@ -4,9 +4,11 @@ from __future__ import annotations
 from .errors import (
     AlreadyRegisteredError,
     ConfigurationError,
+    InvalidHandlerError,
     PGEventsError,
     UnknownColumnError,
     UnknownEventError,
+    UnknownHandlerError,
     UnmappedTargetError,
 )
 from .events import Event
@@ -18,10 +20,12 @@ __all__ = [
     "AlreadyRegisteredError",
     "ConfigurationError",
     "Event",
+    "InvalidHandlerError",
     "PGEvents",
     "PGEventsError",
     "UnknownColumnError",
     "UnknownEventError",
+    "UnknownHandlerError",
     "UnmappedTargetError",
     "__version__",
 ]

@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import signal
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import click
 from flask import current_app
 from flask.cli import with_appcontext
 
 from .extension import AppState
+from .listener import CONNECTION_ERRORS
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _state() -> AppState:
@@ -21,6 +25,21 @@ def _state() -> AppState:
             " 'pgevents.init_app(app)' in your app factory."
         )
     return state
+
+
+def _database_errors(fn: F) -> F:
+    """Report an unreachable database as a one-line error naming it, password hidden."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CONNECTION_ERRORS as exc:
+            url = _state().url.render_as_string(hide_password=True)
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise click.ClickException(f"Could not reach the database {url}: {reason}") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _age(delta: Optional[datetime.timedelta]) -> str:
@@ -42,12 +61,16 @@ def pgevents_cli() -> None:
 @pgevents_cli.command("install-triggers")
 @click.option("--sql", "print_sql", is_flag=True, help="Print the SQL instead of running it.")
 @with_appcontext
+@_database_errors
 def install_triggers(print_sql: bool) -> None:
     """Create the event schema and the triggers the handlers need."""
     state = _state()
     if print_sql:
+        # One transaction, as install-triggers runs it: safe to pipe into psql.
+        click.echo("BEGIN;")
         for statement in state.extension.install_sql(current_app):
             click.echo(statement.strip())
+        click.echo("COMMIT;")
         return
     state.extension.install_triggers(current_app)
     needed = state.registry.needed_triggers()
@@ -60,6 +83,7 @@ def install_triggers(print_sql: bool) -> None:
 @pgevents_cli.command("uninstall-triggers")
 @click.option("--drop-schema", is_flag=True, help="Also drop the event schema and every stored event.")
 @with_appcontext
+@_database_errors
 def uninstall_triggers(drop_schema: bool) -> None:
     """Drop the capture triggers (and, with --drop-schema, the stored events)."""
     state = _state()
@@ -71,6 +95,7 @@ def uninstall_triggers(drop_schema: bool) -> None:
 
 @pgevents_cli.command("status")
 @with_appcontext
+@_database_errors
 def status() -> None:
     """Show triggers per table and operation, the backlog and failed events.
 
@@ -98,6 +123,7 @@ def status() -> None:
 @pgevents_cli.command("failed")
 @click.option("--limit", default=50, show_default=True, help="Show at most this many.")
 @with_appcontext
+@_database_errors
 def failed(limit: int) -> None:
     """List events whose handlers failed on every attempt."""
     state = _state()
@@ -118,6 +144,7 @@ def failed(limit: int) -> None:
 @click.option("--all", "retry_all", is_flag=True, help="Retry every failed event.")
 @click.argument("event_ids", nargs=-1, type=int)
 @with_appcontext
+@_database_errors
 def retry(retry_all: bool, event_ids: tuple[int, ...]) -> None:
     """Queue failed events again; handlers that succeeded are not run again."""
     if not retry_all and not event_ids:
@@ -125,6 +152,12 @@ def retry(retry_all: bool, event_ids: tuple[int, ...]) -> None:
     state = _state()
     count = state.extension.retry_failed(current_app, None if retry_all else list(event_ids))
     click.echo(f"{count} event(s) queued again.")
+    unknown = 0 if retry_all else len(set(event_ids)) - count
+    if unknown > 0:
+        raise click.ClickException(
+            f"{unknown} of the given event ids name no failed event."
+            " 'flask pgevents failed' lists the failed events."
+        )
 
 
 @pgevents_cli.command("listen")
@@ -152,4 +185,8 @@ def listen() -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        # Handlers may have used the app's engines: close their pooled
+        # connections now rather than leave them to garbage collection.
+        for engine in getattr(state.db, "engines", {}).values():
+            engine.dispose()
     click.echo("Listener stopped.")

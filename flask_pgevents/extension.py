@@ -63,13 +63,20 @@ class Config:
 
         def positive(key: str, kind: type, minimum: float) -> Any:
             value = get(key)
-            try:
-                value = kind(value)
-            except (TypeError, ValueError):
+            noun = "an integer" if kind is int else "a number"
+            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                bad = True
+            else:
+                try:
+                    value = kind(value)
+                    bad = False
+                except (TypeError, ValueError):
+                    bad = True
+            if bad:
                 raise ConfigurationError(
-                    f"{key} must be a {kind.__name__}, got {value!r}. Remove it to use"
-                    f" the default {DEFAULTS[key]!r}."
-                ) from None
+                    f"{key} must be {noun}, got {value!r}. Remove it to use the default"
+                    f" {DEFAULTS[key]!r}."
+                )
             if value < minimum:
                 raise ConfigurationError(
                     f"{key} must be at least {minimum}, got {value!r}. Remove it to use"
@@ -77,9 +84,27 @@ class Config:
                 )
             return value
 
+        def flag(key: str) -> bool:
+            value = get(key)
+            if isinstance(value, str):  # from the environment
+                if value.strip().lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.strip().lower() in ("0", "false", "no", "off", ""):
+                    return False
+                raise ConfigurationError(
+                    f"{key} must be true or false, got {value!r}. Use True or False."
+                )
+            return bool(value)
+
+        schema = get("PGEVENTS_SCHEMA")
+        if not isinstance(schema, str) or not schema or "$" in schema or "\x00" in schema:
+            raise ConfigurationError(
+                f"PGEVENTS_SCHEMA must be a non-empty schema name without '$', got"
+                f" {schema!r}. Remove it to use the default 'pgevents'."
+            )
         return cls(
-            schema=str(get("PGEVENTS_SCHEMA")),
-            autostart=bool(get("PGEVENTS_AUTOSTART")),
+            schema=schema,
+            autostart=flag("PGEVENTS_AUTOSTART"),
             batch_size=positive("PGEVENTS_BATCH_SIZE", int, 1),
             poll_interval=positive("PGEVENTS_POLL_INTERVAL", float, 0.01),
             max_attempts=positive("PGEVENTS_MAX_ATTEMPTS", int, 1),
@@ -182,12 +207,19 @@ def _database_url(app: Flask, db: Any) -> URL:
     uri = app.config.get("PGEVENTS_DATABASE_URI")
     if uri:
         return parse_database_url(uri, "PGEVENTS_DATABASE_URI")
-    if db is not None and app in getattr(db, "_app_engines", {}):
+    if db is not None and None in getattr(db, "_app_engines", {}).get(app, {}):
         with app.app_context():
             return parse_database_url(db.engine.url, "SQLALCHEMY_DATABASE_URI")
     uri = app.config.get("SQLALCHEMY_DATABASE_URI")
     if uri:
         return parse_database_url(uri, "SQLALCHEMY_DATABASE_URI")
+    binds = app.config.get("SQLALCHEMY_BINDS") or {}
+    if binds:
+        raise ConfigurationError(
+            "flask-pgevents needs the default database, but only SQLALCHEMY_BINDS is"
+            f" configured ({', '.join(map(repr, binds))}). Set PGEVENTS_DATABASE_URI to"
+            " the PostgreSQL database whose tables you listen to."
+        )
     raise ConfigurationError(
         "No database configured for flask-pgevents. Set PGEVENTS_DATABASE_URI, or"
         " SQLALCHEMY_DATABASE_URI for Flask-SQLAlchemy, to a 'postgresql://' URI."
@@ -248,8 +280,8 @@ class PGEvents:
         """
         if "pgevents" in app.extensions:
             raise AlreadyRegisteredError(
-                "A 'PGEvents' instance has already been registered on this Flask app."
-                " Import and use that instance instead."
+                "flask-pgevents is already set up on this Flask app. Call 'init_app'"
+                " once per app, and register every handler on that one 'PGEvents' instance."
             )
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import select
 import threading
 import time
 import traceback
@@ -55,6 +56,14 @@ CONNECTION_ERRORS = _connection_errors()
 #: A batch whose handlers run longer than this settles early and releases
 #: the events it has not reached, so that other processes can take them.
 MAX_BATCH_SECONDS = 1.0
+
+
+#: The name under which a row that cannot be decoded is recorded as failed.
+DECODE_STEP = "<decoding the row>"
+
+
+def _error_record(exc: BaseException) -> dict[str, str]:
+    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
 def sqlstate(exc: BaseException) -> Optional[str]:
@@ -137,19 +146,28 @@ class Dispatcher:
                     break  # slow handlers: let other processes take the rest
                 key = TableKey(schema, table)
                 subscriptions = state.registry.handlers_for(key, op)
-                info = state.table_info(key)
-                event = Event(
-                    id=event_id,
-                    op=op,
-                    table=str(key),
-                    model=info.model,
-                    new=info.decoder.decode(load_row(new)),
-                    old=info.decoder.decode(load_row(old)),
-                    timestamp=created_at,
-                    attempt=attempt + 1,
-                )
                 already_done = set(done or ())
                 errors: dict[str, dict[str, str]] = {}
+                try:
+                    info = state.table_info(key)
+                    event = Event(
+                        id=event_id,
+                        op=op,
+                        table=str(key),
+                        model=info.model,
+                        new=info.decoder.decode(load_row(new)),
+                        old=info.decoder.decode(load_row(old)),
+                        timestamp=created_at,
+                        attempt=attempt + 1,
+                    )
+                except Exception as exc:  # noqa: BLE001 - one bad row must not block the queue
+                    logger.exception(
+                        "Event %s (%s on %s) could not be decoded; it is retried like a failed handler.",
+                        event_id, op, key,
+                    )
+                    errors[DECODE_STEP] = _error_record(exc)
+                    failures.append((event_id, attempt + 1, sorted(already_done), errors))
+                    continue
                 for sub in subscriptions:
                     if sub.name in already_done:
                         continue
@@ -162,10 +180,7 @@ class Dispatcher:
                             "Handler %s failed for event %s (%s on %s, attempt %s).",
                             sub.name, event_id, op, key, event.attempt,
                         )
-                        errors[sub.name] = {
-                            "error": f"{type(exc).__name__}: {exc}",
-                            "traceback": traceback.format_exc(),
-                        }
+                        errors[sub.name] = _error_record(exc)
                         state.rollback_session()
                     else:
                         already_done.add(sub.name)
@@ -234,8 +249,9 @@ class Listener:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        # A pipe that wakes the loop from select() when stop is requested;
+        # open only while the loop runs, so idle apps hold no descriptors.
+        self._wake: Optional[tuple[int, int]] = None
         self._pid = os.getpid()
         self.connected = threading.Event()
         #: Set by the fork hooks: the listener ran when this process forked.
@@ -252,7 +268,6 @@ class Listener:
             if self.running:
                 return
             self._stop.clear()
-            self._drain_wake_pipe()
             self._thread = threading.Thread(target=self.run, name="pgevents-listener", daemon=True)
             self._thread.start()
 
@@ -262,11 +277,7 @@ class Listener:
             timeout = self.state.config.stop_timeout
         with self._lock:
             thread = self._thread
-            self._stop.set()
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
+            self.request_stop()
             if thread is None or self._pid != os.getpid():
                 return True
             if thread is not threading.current_thread():
@@ -281,33 +292,43 @@ class Listener:
     def request_stop(self) -> None:
         """Ask the loop to stop soon; safe from signal handlers."""
         self._stop.set()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-
-    def _drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
+        wake = self._wake
+        if wake is not None:
+            try:
+                os.write(wake[1], b"x")
+            except OSError:
                 pass
-        except (BlockingIOError, OSError):
-            pass
 
     def run(self) -> None:
         """Listen and dispatch until stopped; reconnect after connection loss."""
         state = self.state
         reconnect = Backoff(state.config.reconnect_backoff, state.config.reconnect_backoff_max)
         dispatcher = Dispatcher(state)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        self._wake = (wake_r, wake_w)
+        try:
+            self._run(dispatcher, reconnect)
+        finally:
+            self._wake = None
+            os.close(wake_r)
+            os.close(wake_w)
+        logger.info("pgevents listener stopped (pid %s).", os.getpid())
+
+    def _run(self, dispatcher: Dispatcher, reconnect: Backoff) -> None:
+        state = self.state
         while not self._stop.is_set():
             conn: Optional[Connection] = None
             try:
                 conn = Connection(state.url, application_name="pgevents-listener", keepalives=True)
+                # Losing the commit of a settled batch in a server crash only
+                # means redelivery, which at-least-once allows: skip the flush.
+                conn.execute("SET synchronous_commit = off")
                 # LISTEN before the catch-up read, so no event falls in between.
                 conn.execute(f"LISTEN {quote_ident(channel_for(state.config.schema))}")
                 self.connected.set()
-                reconnect.reset()
                 logger.info("pgevents listener connected (pid %s).", os.getpid())
-                self._loop(conn, dispatcher)
+                self._loop(conn, dispatcher, reconnect)
             except CONNECTION_ERRORS as exc:
                 delay = reconnect.next_delay()
                 logger.warning(
@@ -323,7 +344,6 @@ class Listener:
                 self.connected.clear()
                 if conn is not None:
                     conn.close()
-        logger.info("pgevents listener stopped (pid %s).", os.getpid())
 
     def _log_failure(self, exc: Exception, delay: float) -> None:
         schema = self.state.config.schema
@@ -342,31 +362,28 @@ class Listener:
         else:
             logger.exception("pgevents listener error; restarting in %.2f s.", delay)
 
-    def _loop(self, conn: Connection, dispatcher: Dispatcher) -> None:
-        import select
-
+    def _loop(self, conn: Connection, dispatcher: Dispatcher, reconnect: Backoff) -> None:
         while not self._stop.is_set():
-            if dispatcher.run_batch(conn, self._stop):
+            handled = dispatcher.run_batch(conn, self._stop)
+            reconnect.reset()  # only a working claim proves the set-up right
+            if handled:
                 continue
             dispatcher.purge_if_due(conn)
             if conn.take_notifications():
                 continue
             timeout = dispatcher.idle_timeout()
-            if timeout > 0:
-                ready, _, _ = select.select([conn.raw, self._wake_r], [], [], timeout)
-                if self._wake_r in ready:
-                    self._drain_wake_pipe()
+            if timeout > 0 and self._wake is not None and not self._stop.is_set():
+                select.select([conn.raw, self._wake[0]], [], [], timeout)
             conn.take_notifications()
 
     def abandon_after_fork(self) -> None:
         """In a forked child: forget the parent's thread without touching its connection."""
         self._thread = None
+        self._wake = None
         self._pid = os.getpid()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.connected = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
 
 
 def process_pending(state: "AppState", timeout: Optional[float] = None) -> int:

@@ -16,6 +16,9 @@ from .registry import OPERATIONS, TableKey
 #: Bump when the layout of the event table changes incompatibly.
 SCHEMA_VERSION = 1
 
+#: PostgreSQL truncates longer identifiers (NAMEDATALEN - 1).
+MAX_IDENTIFIER_BYTES = 63
+
 CREATE_SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {schema}."event" (
@@ -38,16 +41,25 @@ CREATE TABLE IF NOT EXISTS {schema}."event" (
 # Functions run as their owner (SECURITY DEFINER) so that a role which may
 # write the table but not the event table still writes successfully, and with
 # a fixed search_path so that no caller can redirect what they reference.
+# The writer's output settings are pinned too: to_jsonb() formats intervals,
+# bytea and floats with them, and the decoder expects the defaults.
 FUNCTION_HEADER = """
 CREATE OR REPLACE FUNCTION {schema}.{function}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET IntervalStyle = postgres SET bytea_output = hex SET extra_float_digits = 1
 AS $pgevents$"""
+
+# The bodies see the user's columns: "#variable_conflict use_variable" keeps a
+# column named like a PL/pgSQL variable (tg_table_name, ...) from making the
+# write fail, and "alias.*" is a whole-row reference even when the table has
+# a column named like the alias.
 
 CAPTURE_BODIES = {
     "insert": """
+#variable_conflict use_variable
 BEGIN
     INSERT INTO {schema}."event" (table_schema, table_name, op, new)
-    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', to_jsonb(n)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', to_jsonb(n.*)
     FROM pgevents_new AS n;
     IF FOUND THEN
         PERFORM pg_notify({channel}, '');
@@ -58,11 +70,12 @@ END
     # Transition tables hold old and new rows in the same order, so pairing
     # them by position works for every key, composite keys and no key at all.
     "update": """
+#variable_conflict use_variable
 BEGIN
     INSERT INTO {schema}."event" (table_schema, table_name, op, old, new)
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', o.r, n.r
-    FROM (SELECT row_number() OVER () AS rn, to_jsonb(x) AS r FROM pgevents_old AS x) AS o
-    JOIN (SELECT row_number() OVER () AS rn, to_jsonb(x) AS r FROM pgevents_new AS x) AS n
+    FROM (SELECT row_number() OVER () AS rn, to_jsonb(x.*) AS r FROM pgevents_old AS x) AS o
+    JOIN (SELECT row_number() OVER () AS rn, to_jsonb(x.*) AS r FROM pgevents_new AS x) AS n
         USING (rn)
     WHERE CASE
         WHEN TG_NARGS = 0 THEN o.r <> n.r
@@ -78,9 +91,10 @@ BEGIN
 END
 """,
     "delete": """
+#variable_conflict use_variable
 BEGIN
     INSERT INTO {schema}."event" (table_schema, table_name, op, old)
-    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', to_jsonb(o)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', to_jsonb(o.*)
     FROM pgevents_old AS o;
     IF FOUND THEN
         PERFORM pg_notify({channel}, '');
@@ -104,6 +118,11 @@ FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{function}({arguments});
 """
 
 DROP_TRIGGER = "DROP TRIGGER IF EXISTS {trigger} ON {table};"
+
+# Taken first in the install and uninstall transactions: processes that
+# install at once (each worker at start-up) wait for each other instead of
+# failing on CREATE SCHEMA IF NOT EXISTS or CREATE OR REPLACE FUNCTION.
+LOCK_INSTALL = "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext({name}));"
 
 DROP_SCHEMA = "DROP SCHEMA IF EXISTS {schema} CASCADE;"
 
@@ -242,10 +261,22 @@ class TriggerManager:
                 f"Invalid event schema name {schema!r}: it must be non-empty and"
                 " contain no '$'. Set PGEVENTS_SCHEMA to a plain name."
             )
+        # Longer trigger names would be cut by PostgreSQL and could collide.
+        suffix = max(len(trigger_name("", op)) for op in OPERATIONS)
+        if len(schema.encode()) + suffix > MAX_IDENTIFIER_BYTES:
+            raise ValueError(
+                f"Event schema name {schema!r} is too long: trigger names are"
+                f" '<schema>_<operation>' and PostgreSQL cuts names at {MAX_IDENTIFIER_BYTES}"
+                f" bytes, so it must be at most {MAX_IDENTIFIER_BYTES - suffix} bytes."
+                " Set PGEVENTS_SCHEMA to a shorter name."
+            )
         self.schema = schema
         self.event_table = f"{quote_ident(schema)}.\"event\""
 
     # SQL rendering -------------------------------------------------------
+
+    def lock_sql(self) -> str:
+        return LOCK_INSTALL.format(name=quote_literal(f"pgevents install {self.schema}"))
 
     def schema_sql(self) -> list[str]:
         schema = quote_ident(self.schema)
@@ -281,7 +312,7 @@ class TriggerManager:
         installed: Sequence[InstalledTrigger] = (),
     ) -> list[str]:
         """Statements that make the database hold exactly the needed triggers."""
-        statements = self.schema_sql()
+        statements = [self.lock_sql(), *self.schema_sql()]
         for trig in installed:
             if (trig.table, trig.operation) not in needed:
                 statements.append(self.drop_trigger_sql(trig.table, trig.operation))
@@ -290,7 +321,7 @@ class TriggerManager:
         return statements
 
     def uninstall_sql(self, installed: Sequence[InstalledTrigger], *, drop_schema: bool = False) -> list[str]:
-        statements = [self.drop_trigger_sql(t.table, t.operation) for t in installed]
+        statements = [self.lock_sql(), *(self.drop_trigger_sql(t.table, t.operation) for t in installed)]
         if drop_schema:
             statements.append(DROP_SCHEMA.format(schema=quote_ident(self.schema)))
         return statements

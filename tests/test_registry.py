@@ -188,8 +188,8 @@ def test_bad_columns_are_refused(target, identifier, columns, message):
 
 def test_init_app_twice_on_one_app_is_refused():
     message = (
-        "A 'PGEvents' instance has already been registered on this Flask app."
-        " Import and use that instance instead."
+        "flask-pgevents is already set up on this Flask app. Call 'init_app' once per"
+        " app, and register every handler on that one 'PGEvents' instance."
     )
     app = plain_app()
     first = PGEvents(app)
@@ -251,8 +251,7 @@ def test_bad_config_value_is_refused_at_init_app_and_can_be_fixed():
     with pytest.raises(ConfigurationError) as info:
         pgevents.init_app(app)
     message = str(info.value)
-    assert message.startswith("PGEVENTS_BATCH_SIZE must be a")
-    assert message.endswith(", got 'lots'. Remove it to use the default 500.")
+    assert message == "PGEVENTS_BATCH_SIZE must be an integer, got 'lots'. Remove it to use the default 500."
 
     app.config["PGEVENTS_BATCH_SIZE"] = 0
     with raises(
@@ -579,3 +578,60 @@ def test_without_flask_sqlalchemy_pgevents_database_uri_is_enough(database_url, 
     assert insert.new == {"id": 1, "total": decimal.Decimal("12.50"), "paid_at": None}
     assert update.changed == {"paid_at"}
     assert update.new["paid_at"] == datetime.datetime(2024, 5, 1, 12, tzinfo=datetime.timezone.utc)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"PGEVENTS_BATCH_SIZE": 2.7},
+            "PGEVENTS_BATCH_SIZE must be an integer, got 2.7. Remove it to use the default 500.",
+        ),
+        (
+            {"PGEVENTS_AUTOSTART": "sometimes"},
+            "PGEVENTS_AUTOSTART must be true or false, got 'sometimes'. Use True or False.",
+        ),
+        (
+            {"PGEVENTS_SCHEMA": ""},
+            "PGEVENTS_SCHEMA must be a non-empty schema name without '$', got ''. Remove it"
+            " to use the default 'pgevents'.",
+        ),
+        (
+            {"PGEVENTS_DATABASE_URI": "postgres://u@h/db"},
+            "PGEVENTS_DATABASE_URI starts with 'postgres://', which SQLAlchemy does not"
+            " accept. Write 'postgresql://' instead.",
+        ),
+        (
+            {"PGEVENTS_DATABASE_URI": "postgresql+asyncpg://u@h/db"},
+            "flask-pgevents supports the psycopg and psycopg2 drivers, but"
+            " PGEVENTS_DATABASE_URI uses 'asyncpg' (postgresql+asyncpg://u@h/db). Use"
+            " 'postgresql+psycopg://' or 'postgresql+psycopg2://'.",
+        ),
+    ],
+)
+def test_bad_config_values_are_refused_at_init(config, message):
+    app = Flask(__name__)
+    app.config.update({"PGEVENTS_DATABASE_URI": "postgresql+psycopg2://u@h/db", **config})
+    with raises(ConfigurationError, message):
+        PGEvents(app)
+    assert "pgevents" not in app.extensions
+
+
+def test_autostart_from_the_environment_is_parsed():
+    app = Flask(__name__)
+    app.config.update(PGEVENTS_DATABASE_URI="postgresql+psycopg2://u@h/db", PGEVENTS_AUTOSTART="false")
+    PGEvents(app)
+    assert app.extensions["pgevents"].config.autostart is False
+
+
+def test_binds_without_a_default_database_is_a_clear_error():
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_BINDS"] = {"users": "postgresql+psycopg2://u@h/db"}
+    db = SQLAlchemy(app)
+    with raises(
+        ConfigurationError,
+        "flask-pgevents needs the default database, but only SQLALCHEMY_BINDS is configured"
+        " ('users'). Set PGEVENTS_DATABASE_URI to the PostgreSQL database whose tables you"
+        " listen to.",
+    ):
+        PGEvents(app, db=db)
