@@ -1,6 +1,7 @@
 """PGEvents: the Flask extension that owns set-up, config, handlers and the listener."""
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -9,7 +10,7 @@ import weakref
 from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
 
 import sqlalchemy as sa
-from flask import Flask, current_app, has_app_context
+from flask import Flask, current_app, has_app_context, request_started
 from sqlalchemy.engine import URL
 
 from . import listener as listener_module
@@ -153,6 +154,12 @@ class AppState:
         """A new connection for administration (triggers, status, retries)."""
         return Connection(self.url, application_name="pgevents-admin")
 
+    def dispose_inherited_engines(self) -> None:
+        """After a fork: drop the parent's pooled connections without closing them."""
+        engines = getattr(self.db, "_app_engines", {}).get(self.app, {}) if self.db is not None else {}
+        for engine in engines.values():
+            engine.dispose(close=False)
+
     def rollback_session(self) -> None:
         """Leave the Flask-SQLAlchemy session clean after a handler raised."""
         if self.db is not None:
@@ -289,6 +296,10 @@ class PGEvents:
         state = AppState(self, app, _database_url(app, db), db)
         app.extensions["pgevents"] = state
         self._apps.add(app)
+        if "pgevents" not in app.cli.commands:
+            from .cli import pgevents_cli
+
+            app.cli.add_command(pgevents_cli)
         if _should_autostart(app, state.config):
             state.listener.start()
 
@@ -452,27 +463,64 @@ class PGEvents:
 
 # Pre-fork servers (gunicorn, uWSGI with preload) load the app, then fork
 # workers. The listener is stopped before a fork, so no thread or connection
-# crosses it, and started again on both sides: each worker gets its own.
+# crosses it, and each child starts its own. A parent that has never served a
+# request is a pre-fork master: it keeps its listener parked, so that workers
+# it forks later get one too, and handles no events itself.
+_served_requests = False
+
+
+def _note_request(sender: Any, **extra: Any) -> None:
+    global _served_requests
+    _served_requests = True
+
+
+request_started.connect(_note_request)
+
+
+def _forking_listeners() -> list[listener_module.Listener]:
+    # A handler that forks runs on the listener thread: leave that listener be.
+    return [
+        listener for listener in list(listener_module._live_listeners)
+        if not listener.on_current_thread()
+    ]
+
+
 def _before_fork() -> None:
-    for listener in list(listener_module._live_listeners):
-        listener.resume_after_fork = listener.running
-        if listener.resume_after_fork:
+    for listener in _forking_listeners():
+        listener.resume_after_fork = listener.running or listener.parked
+        if listener.running:
             listener.stop()
 
 
 def _after_fork_in_parent() -> None:
-    for listener in list(listener_module._live_listeners):
-        if listener.resume_after_fork:
+    for listener in _forking_listeners():
+        if not listener.resume_after_fork:
+            continue
+        if _served_requests:
             listener.start()
+        else:
+            listener.parked = True
 
 
 def _after_fork_in_child() -> None:
-    for listener in list(listener_module._live_listeners):
+    for listener in _forking_listeners():
         listener.abandon_after_fork()
+        listener.parked = False
         if listener.resume_after_fork:
+            # Pooled connections of the parent must not be used here.
+            listener.state.dispose_inherited_engines()
             listener.start()
 
 
+def _stop_at_exit() -> None:
+    # Daemon threads die without unwinding at exit: stop listeners first, so
+    # that the batch in progress is settled instead of handled again later.
+    for listener in list(listener_module._live_listeners):
+        if listener.running:
+            listener.stop()
+
+
+atexit.register(_stop_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
         before=_before_fork,

@@ -256,11 +256,16 @@ class Listener:
         self.connected = threading.Event()
         #: Set by the fork hooks: the listener ran when this process forked.
         self.resume_after_fork = False
+        #: In a pre-fork master: not running here, but wanted in each child.
+        self.parked = False
         _live_listeners.add(self)
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._pid == os.getpid()
+
+    def on_current_thread(self) -> bool:
+        return self._thread is not None and self._thread is threading.current_thread()
 
     def start(self) -> None:
         """Start the listener thread; does nothing if it already runs."""

@@ -86,7 +86,8 @@ def test_a_raising_handler_stops_neither_the_loop_nor_other_handlers(make_app, o
     wait_until(lambda: "boom b" in caplog.text)
     assert "Traceback" in caplog.text and "test_listener.py" in caplog.text
     with app.app_context():
-        failed = pgevents.failed_events()
+        # The batch commits just after the log line: wait for both records.
+        failed = wait_until(lambda: len(pgevents.failed_events()) == 2 and pgevents.failed_events())
     assert [f["errors"][next(iter(f["errors"]))]["error"] for f in failed] == [
         "RuntimeError: boom a", "RuntimeError: boom b"
     ]

@@ -8,6 +8,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any, Iterator
 
 import psycopg
@@ -329,3 +330,61 @@ def test_retention_keeps_handled_events_then_purges_them(make_app, other_service
     )
     wait_until(lambda: other_service.execute("SELECT count(*) FROM pgevents.event").fetchone()[0] == 0, timeout=10)
     assert len(recorder.events) == 2
+
+
+EXIT_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, "tests")
+import reliability_app
+app = reliability_app.create_app()
+reliability_app.pgevents.start(app)
+import psycopg
+with psycopg.connect(os.environ["LIBPQ_URL"], autocommit=True) as conn:
+    while conn.execute("SELECT count(*) FROM handled WHERE stage = 'done'").fetchone()[0] < 3:
+        time.sleep(0.01)
+sys.exit(0)  # while the listener thread is in the middle of a batch
+"""
+
+
+def test_interpreter_exit_settles_the_batch_in_progress(reliability_db, other_service, libpq_url, database_url):
+    # Slow handlers, so the exit lands in the middle of one batch.
+    other_service.execute("INSERT INTO item (name) SELECT 'slow' || g FROM generate_series(1, 20) g")
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": database_url, "LIBPQ_URL": libpq_url, "SLOW_SECONDS": "0.1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    handled = handled_by(other_service)
+    pending = other_service.execute("SELECT count(*) FROM pgevents.event").fetchone()[0]
+    # Every handled event was settled (deleted); the rest are pending, none lost.
+    assert all(len(pids) == 1 for pids in handled.values())
+    assert len(handled) + pending == 20
+    assert len(handled) < 20
+
+
+def test_a_handler_that_forks_keeps_the_listener_running(make_app, other_service, recorder):
+    app, db, pgevents, Thing = _thing_app(make_app)
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def forks(event):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+            pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        recorder(event)
+
+    with app.app_context():
+        pgevents.install_triggers()
+    pgevents.start(app)
+    other_service.execute("INSERT INTO thing (name) VALUES ('a')")
+    recorder.wait_for(1)
+    other_service.execute("INSERT INTO thing (name) VALUES ('b')")
+    events = recorder.wait_for(2)
+    assert [e.new["name"] for e in events] == ["a", "b"]
+    assert any(t.name == "pgevents-listener" for t in threading.enumerate())
