@@ -24,10 +24,15 @@ from .registry import TableKey
 from .triggers import (
     CLAIM_BATCH,
     DELETE_HANDLED,
+    LISTENER_GRANTS,
     MARK_HANDLED,
     PURGE_HANDLED,
     RECORD_FAILURE,
+    REGISTER_LISTENER,
+    SET_LISTENER_IDLE,
+    UNREGISTER_LISTENER,
     channel_for,
+    subscription_key,
     quote_ident,
 )
 
@@ -52,6 +57,12 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 CONNECTION_ERRORS = _connection_errors()
+
+#: How often a listener that has just handled events polls for more, instead
+#: of asking writers to wake it, and how many empty polls it makes before it
+#: sleeps. This coalesces wake-ups under load (see the triggers' idle check).
+LINGER_SECONDS = 0.001
+LINGER_POLLS = 5
 
 #: A batch whose handlers run longer than this settles early and releases
 #: the events it has not reached, so that other processes can take them.
@@ -111,13 +122,22 @@ class Dispatcher:
         self.failure_sql = RECORD_FAILURE.format(schema=schema)
         #: Monotonic time at which a retried event becomes due, if any.
         self.next_retry_at: Optional[float] = None
+        #: Transactions in progress at the last claim's snapshot.
+        self.in_flight = 0
         self._last_purge = 0.0
 
     def run_batch(self, conn: Connection, stop: Optional[threading.Event] = None) -> int:
-        """Claim, handle and settle up to one batch; return how many were handled."""
+        """Claim, handle and settle up to one batch; return how many were handled.
+
+        Also sets :attr:`in_flight`: how many transactions were in progress
+        when the claim looked, any of which may still commit new events.
+        """
+        keys = [subscription_key(table, op) for table, op in self.state.registry.subscribed()]
         conn.execute("BEGIN")
         try:
-            rows = conn.execute(self.claim_sql, (self.state.config.batch_size,)).fetchall()
+            result = conn.execute(self.claim_sql, (keys, self.state.config.batch_size)).fetchall()
+            self.in_flight = result[0][0]
+            rows = [row[1:] for row in result if row[1] is not None]
             if not rows:
                 conn.execute("COMMIT")
                 return 0
@@ -360,26 +380,61 @@ class Listener:
             )
         elif code == "42501":  # insufficient_privilege
             logger.error(
-                "The listener's role may not use the event table (%s). Grant it:"
-                " GRANT USAGE ON SCHEMA %s TO <role>; GRANT SELECT, UPDATE, DELETE ON"
-                " %s.event TO <role>. Retrying in %.2f s.", str(exc).strip(), schema, schema, delay,
+                "The listener's role may not use the event schema (%s). Grant it: %s"
+                " Retrying in %.2f s.", str(exc).strip(),
+                LISTENER_GRANTS.format(schema=quote_ident(schema), role="<role>"), delay,
             )
         else:
             logger.exception("pgevents listener error; restarting in %.2f s.", delay)
 
     def _loop(self, conn: Connection, dispatcher: Dispatcher, reconnect: Backoff) -> None:
+        # While events keep coming, poll every LINGER_SECONDS without asking
+        # writers to NOTIFY; after LINGER_POLLS empty polls, publish that this
+        # listener sleeps, check once more, and wait for a NOTIFY or the
+        # safety poll. Busy listeners thus cost writers no NOTIFY at all.
+        schema = quote_ident(self.state.config.schema)
+        set_idle = SET_LISTENER_IDLE.format(schema=schema)
+        conn.execute(REGISTER_LISTENER.format(schema=schema))
+        empty_polls = 0
+        idle = False
+        recheck = LINGER_SECONDS
         while not self._stop.is_set():
             handled = dispatcher.run_batch(conn, self._stop)
             reconnect.reset()  # only a working claim proves the set-up right
             if handled:
+                empty_polls = 0
+                if idle:
+                    conn.execute(set_idle, (False,))
+                    idle = False
+                if handled < self.state.config.batch_size:
+                    self._wait(conn, LINGER_SECONDS)
                 continue
             dispatcher.purge_if_due(conn)
-            if conn.take_notifications():
+            if not idle and empty_polls < LINGER_POLLS:
+                empty_polls += 1
+                self._wait(conn, LINGER_SECONDS)
                 continue
+            if not idle:
+                conn.execute(set_idle, (True,))
+                idle = True
+                recheck = LINGER_SECONDS
+                continue  # claim again: what committed before writers could see the flag
             timeout = dispatcher.idle_timeout()
-            if timeout > 0 and self._wake is not None and not self._stop.is_set():
-                select.select([conn.raw, self._wake[0]], [], [], timeout)
-            conn.take_notifications()
+            if dispatcher.in_flight:
+                timeout = min(timeout, recheck)
+                recheck *= 2
+            else:
+                recheck = LINGER_SECONDS
+            self._wait(conn, timeout)
+        if not conn.closed:
+            conn.execute(UNREGISTER_LISTENER.format(schema=schema))
+
+    def _wait(self, conn: Connection, timeout: float) -> None:
+        """Sleep until a NOTIFY, a stop request or the timeout; drain wake-ups."""
+        if conn.take_notifications() or self._stop.is_set() or self._wake is None or timeout <= 0:
+            return
+        select.select([conn.raw, self._wake[0]], [], [], timeout)
+        conn.take_notifications()
 
     def abandon_after_fork(self) -> None:
         """In a forked child: forget the parent's thread without touching its connection."""

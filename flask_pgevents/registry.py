@@ -314,6 +314,10 @@ class Registry:
             by_key.setdefault((sub.table, sub.operation), []).append(sub)
         self._by_key = {key: tuple(subs) for key, subs in by_key.items()}
 
+    def subscribed(self) -> list[tuple[TableKey, str]]:
+        """Every (table, operation) that has at least one handler."""
+        return list(self._by_key)
+
     def handlers_for(self, table: TableKey, operation: str) -> tuple[Subscription, ...]:
         """The subscriptions for one table and operation, in registration order."""
         return self._by_key.get((table, operation), ())

@@ -22,7 +22,7 @@ MAX_IDENTIFIER_BYTES = 63
 CREATE_SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {schema}."event" (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id bigint GENERATED ALWAYS AS IDENTITY,
     table_schema text NOT NULL,
     table_name text NOT NULL,
     op text NOT NULL,
@@ -35,6 +35,16 @@ CREATE TABLE IF NOT EXISTS {schema}."event" (
     done_handlers text[] NOT NULL DEFAULT '{{}}',
     errors jsonb,
     handled_at timestamptz
+);
+-- The one index: every hot query reads pending events by id. Handled events
+-- are deleted (or kept for PGEVENTS_RETENTION) and never slow the claim.
+CREATE INDEX IF NOT EXISTS "event_pending" ON {schema}."event" (id) WHERE status = 'pending';
+-- Listeners that sleep, waiting for a NOTIFY. Writers notify only when one
+-- does: NOTIFY serializes every notifying commit in the cluster.
+CREATE UNLOGGED TABLE IF NOT EXISTS {schema}."listener" (
+    pid integer PRIMARY KEY,
+    idle boolean NOT NULL DEFAULT false,
+    since timestamptz NOT NULL DEFAULT now()
 );
 """
 
@@ -61,7 +71,7 @@ BEGIN
     INSERT INTO {schema}."event" (table_schema, table_name, op, new)
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', to_jsonb(n.*)
     FROM pgevents_new AS n;
-    IF FOUND THEN
+    IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
         PERFORM pg_notify({channel}, '');
     END IF;
     RETURN NULL;
@@ -84,7 +94,7 @@ BEGIN
         )
     END
     ORDER BY rn;
-    IF FOUND THEN
+    IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
         PERFORM pg_notify({channel}, '');
     END IF;
     RETURN NULL;
@@ -96,7 +106,7 @@ BEGIN
     INSERT INTO {schema}."event" (table_schema, table_name, op, old)
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', to_jsonb(o.*)
     FROM pgevents_old AS o;
-    IF FOUND THEN
+    IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
         PERFORM pg_notify({channel}, '');
     END IF;
     RETURN NULL;
@@ -150,18 +160,29 @@ FROM {schema}."event"
 """
 
 # Delivery: claim a batch, settle it, keep or purge handled events.
+#
+# The claim also counts the transactions in progress at its snapshot: a writer
+# that saw no idle listener may still commit after this claim came back empty,
+# so the listener polls again soon while any is in flight.
 CLAIM_BATCH = """
-SELECT id, table_schema, table_name, op, old::text, new::text, created_at, attempt, done_handlers
-FROM {schema}."event"
-WHERE status = 'pending' AND (run_after IS NULL OR run_after <= now())
-ORDER BY id
-LIMIT %s
-FOR UPDATE SKIP LOCKED
+WITH claimed AS (
+    SELECT id, table_schema, table_name, op, old::text, new::text, created_at, attempt, done_handlers
+    FROM {schema}."event"
+    WHERE status = 'pending' AND (run_after IS NULL OR run_after <= now())
+      AND length(table_schema) || ':' || table_schema || table_name || ':' || op = ANY(%s)
+    ORDER BY id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+)
+SELECT (SELECT count(*) FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot())),
+       claimed.*
+FROM (SELECT) AS snapshot LEFT JOIN claimed ON true
+ORDER BY claimed.id
 """
-DELETE_HANDLED = 'DELETE FROM {schema}."event" WHERE id = ANY(%s)'
+DELETE_HANDLED = 'DELETE FROM {schema}."event" WHERE id = ANY(%s) AND status = \'pending\''
 MARK_HANDLED = (
     'UPDATE {schema}."event" SET status = \'done\', handled_at = now(), errors = NULL'
-    " WHERE id = ANY(%s)"
+    " WHERE id = ANY(%s) AND status = 'pending'"
 )
 PURGE_HANDLED = (
     'DELETE FROM {schema}."event" WHERE status = \'done\''
@@ -171,8 +192,32 @@ RECORD_FAILURE = """
 UPDATE {schema}."event"
 SET attempt = %s, done_handlers = %s, errors = %s::jsonb, status = %s,
     run_after = now() + %s * interval '1 second'
-WHERE id = %s
+WHERE id = %s AND status = 'pending'
 """
+
+# Listener registration and the idle flag writers read.
+REGISTER_LISTENER = """
+DELETE FROM {schema}."listener"
+WHERE pid NOT IN (SELECT pid FROM pg_catalog.pg_stat_activity WHERE pid IS NOT NULL);
+INSERT INTO {schema}."listener" (pid, idle) VALUES (pg_catalog.pg_backend_pid(), false)
+ON CONFLICT (pid) DO UPDATE SET idle = false, since = now();
+"""
+SET_LISTENER_IDLE = (
+    'UPDATE {schema}."listener" SET idle = %s, since = now() WHERE pid = pg_catalog.pg_backend_pid()'
+)
+#: What a role that only listens needs (the README repeats it).
+LISTENER_GRANTS = (
+    "GRANT USAGE ON SCHEMA {schema} TO {role};"
+    " GRANT SELECT, UPDATE, DELETE ON {schema}.\"event\" TO {role};"
+    " GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.\"listener\" TO {role};"
+)
+UNREGISTER_LISTENER = 'DELETE FROM {schema}."listener" WHERE pid = pg_catalog.pg_backend_pid()'
+
+
+def subscription_key(table: TableKey, operation: str) -> str:
+    """How CLAIM_BATCH names a table and operation, unambiguously for any names."""
+    return f"{len(table.schema)}:{table.schema}{table.name}:{operation}"
+
 
 FAILED_EVENTS = """
 SELECT id, table_schema, table_name, op, created_at, attempt, errors

@@ -81,6 +81,7 @@ def test_a_listen_only_role_needs_only_the_documented_grants(make_app, make_role
     # Exactly the GRANTs the README gives.
     other_service.execute(f'GRANT USAGE ON SCHEMA pgevents TO "{listener_role}"')
     other_service.execute(f'GRANT SELECT, UPDATE, DELETE ON pgevents.event TO "{listener_role}"')
+    other_service.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON pgevents.listener TO "{listener_role}"')
     other_service.execute("INSERT INTO note (body) VALUES ('a'), ('b')")
 
     listen_app, _, listen_pgevents = make_app(

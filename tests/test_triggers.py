@@ -307,6 +307,9 @@ def test_rows_over_the_notify_limit_are_stored_and_notify_carries_no_row(
         pgevents.install_triggers()
     with psycopg.connect(libpq_url, autocommit=True) as listening:
         listening.execute("LISTEN pgevents")
+        # Registered as a sleeping listener, as the listener loop does: writers
+        # notify only while one sleeps.
+        listening.execute("INSERT INTO pgevents.listener (pid, idle) VALUES (pg_backend_pid(), true)")
         with app.app_context():
             document = Document(body=text_100k, blob=blob_1m)
             db.session.add(document)
