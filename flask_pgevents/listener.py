@@ -425,16 +425,22 @@ class Listener:
                 recheck *= 2
             else:
                 recheck = LINGER_SECONDS
-            self._wait(conn, timeout)
+            if self._wait(conn, timeout):
+                # Woken for work: stop asking writers for NOTIFYs before it starts.
+                conn.execute(set_idle, (False,))
+                idle = False
+                empty_polls = 0
         if not conn.closed:
             conn.execute(UNREGISTER_LISTENER.format(schema=schema))
 
-    def _wait(self, conn: Connection, timeout: float) -> None:
-        """Sleep until a NOTIFY, a stop request or the timeout; drain wake-ups."""
-        if conn.take_notifications() or self._stop.is_set() or self._wake is None or timeout <= 0:
-            return
+    def _wait(self, conn: Connection, timeout: float) -> bool:
+        """Sleep until a NOTIFY, a stop request or the timeout; True if notified."""
+        if conn.take_notifications():
+            return True
+        if self._stop.is_set() or self._wake is None or timeout <= 0:
+            return False
         select.select([conn.raw, self._wake[0]], [], [], timeout)
-        conn.take_notifications()
+        return conn.take_notifications() > 0
 
     def abandon_after_fork(self) -> None:
         """In a forked child: forget the parent's thread without touching its connection."""

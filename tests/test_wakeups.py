@@ -1,0 +1,76 @@
+"""Wake-ups: writers NOTIFY only while a listener sleeps, and no commit waits for the safety poll."""
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import sqlalchemy as sa
+
+from conftest import wait_until
+
+
+def _app(make_app, **config):
+    app, db, pgevents = make_app(**config)
+
+    class Thing(db.Model):
+        __tablename__ = "thing"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(sa.String, nullable=False)
+
+    pgevents.init_app(app)
+    with app.app_context():
+        db.create_all()
+    return app, db, pgevents, Thing
+
+
+def _sleeping_listeners(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM pgevents.listener WHERE idle").fetchone()[0]
+
+
+def test_writers_notify_only_while_a_listener_sleeps(make_app, other_service, libpq_url, recorder):
+    app, db, pgevents, Thing = _app(make_app)
+    pgevents.listen(Thing, "after_insert", recorder)
+    with app.app_context():
+        pgevents.install_triggers()
+    with psycopg.connect(libpq_url, autocommit=True) as spy:
+        spy.execute("LISTEN pgevents")
+        # No listener runs: nobody to wake, no NOTIFY.
+        other_service.execute("INSERT INTO thing (name) VALUES ('unheard')")
+        assert list(spy.notifies(timeout=0.3)) == []
+        pgevents.start(app)
+        recorder.wait_for(1)  # caught up from the table, not from a NOTIFY
+        wait_until(lambda: _sleeping_listeners(other_service) == 1)
+        other_service.execute("INSERT INTO thing (name) VALUES ('heard')")
+        assert [n.payload for n in spy.notifies(timeout=5, stop_after=1)] == [""]
+    assert [e.new["name"] for e in recorder.wait_for(2)] == ["unheard", "heard"]
+
+
+def test_a_commit_racing_the_listener_into_sleep_is_not_left_to_the_safety_poll(make_app, other_service, libpq_url):
+    # A safety poll so long that only the in-flight recheck can deliver in time.
+    app, db, pgevents, Thing = _app(make_app, PGEVENTS_POLL_INTERVAL=60)
+    writer_inserted = threading.Event()
+    handled: dict[str, float] = {}
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def on_insert(event):
+        if event.new["name"] == "first":
+            # Keep the listener busy until the racing writer has inserted.
+            assert writer_inserted.wait(10)
+        handled[event.new["name"]] = time.monotonic()
+
+    with app.app_context():
+        pgevents.install_triggers()
+    pgevents.start(app)
+    wait_until(lambda: _sleeping_listeners(other_service) == 1)
+    other_service.execute("INSERT INTO thing (name) VALUES ('first')")
+    wait_until(lambda: _sleeping_listeners(other_service) == 0)
+    with psycopg.connect(libpq_url) as racing:  # a transaction, committed later
+        racing.execute("INSERT INTO thing (name) VALUES ('racing')")
+        writer_inserted.set()
+        # The listener finishes 'first', lingers and goes to sleep meanwhile.
+        wait_until(lambda: _sleeping_listeners(other_service) == 1)
+        racing.commit()
+        committed = time.monotonic()
+    wait_until(lambda: "racing" in handled, timeout=5)
+    assert handled["racing"] - committed < 2.0
