@@ -58,11 +58,35 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 CONNECTION_ERRORS = _connection_errors()
 
-#: How often a listener that has just handled events polls for more, instead
-#: of asking writers to wake it, and how many empty polls it makes before it
-#: sleeps. This coalesces wake-ups under load (see the triggers' idle check).
-LINGER_SECONDS = 0.001
+#: Above this rate a listener polls every LINGER_SECONDS instead of asking
+#: writers to wake it, and sleeps after LINGER_POLLS empty polls. This
+#: coalesces wake-ups under load (see the triggers' idle check).
+BUSY_EVENTS_PER_SECOND = 2000.0
+LINGER_SECONDS = 0.002
 LINGER_POLLS = 5
+
+
+class RateMeter:
+    """Events per second over the last ~100 ms, cheap enough to update per batch."""
+
+    WINDOW = 0.1
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+        self._count = 0
+        self._last_rate = 0.0
+
+    def add(self, count: int) -> None:
+        now = time.monotonic()
+        elapsed = now - self._start
+        self._count += count
+        if elapsed >= self.WINDOW:
+            self._last_rate = self._count / elapsed
+            self._start, self._count = now, 0
+
+    def busy(self) -> bool:
+        elapsed = max(time.monotonic() - self._start, 1e-3)
+        return max(self._last_rate, self._count / max(elapsed, self.WINDOW)) >= BUSY_EVENTS_PER_SECOND
 
 #: A batch whose handlers run longer than this settles early and releases
 #: the events it has not reached, so that other processes can take them.
@@ -388,48 +412,55 @@ class Listener:
             logger.exception("pgevents listener error; restarting in %.2f s.", delay)
 
     def _loop(self, conn: Connection, dispatcher: Dispatcher, reconnect: Backoff) -> None:
-        # While events keep coming, poll every LINGER_SECONDS without asking
-        # writers to NOTIFY; after LINGER_POLLS empty polls, publish that this
-        # listener sleeps, check once more, and wait for a NOTIFY or the
-        # safety poll. Busy listeners thus cost writers no NOTIFY at all.
+        # Quiet: after each batch the listener publishes that it sleeps, so the
+        # next writer NOTIFYs it at once (lowest latency). Busy (more than
+        # BUSY_EVENTS_PER_SECOND): it polls every LINGER_SECONDS instead, so
+        # batches gather and writers send no NOTIFY at all (NOTIFY serializes
+        # every notifying commit in the cluster).
         schema = quote_ident(self.state.config.schema)
         set_idle = SET_LISTENER_IDLE.format(schema=schema)
+        batch_size = self.state.config.batch_size
         conn.execute(REGISTER_LISTENER.format(schema=schema))
+        rate = RateMeter()
         empty_polls = 0
         idle = False
         recheck = LINGER_SECONDS
         while not self._stop.is_set():
             handled = dispatcher.run_batch(conn, self._stop)
             reconnect.reset()  # only a working claim proves the set-up right
+            rate.add(handled)
             if handled:
                 empty_polls = 0
-                if idle:
-                    conn.execute(set_idle, (False,))
-                    idle = False
-                if handled < self.state.config.batch_size:
+                if handled >= batch_size or rate.busy():
+                    if idle:
+                        conn.execute(set_idle, (False,))
+                        idle = False
+                    if handled < batch_size:
+                        self._wait(conn, LINGER_SECONDS)
+                    continue
+            else:
+                dispatcher.purge_if_due(conn)
+                if not idle and rate.busy() and empty_polls < LINGER_POLLS:
+                    empty_polls += 1
                     self._wait(conn, LINGER_SECONDS)
-                continue
-            dispatcher.purge_if_due(conn)
-            if not idle and empty_polls < LINGER_POLLS:
-                empty_polls += 1
-                self._wait(conn, LINGER_SECONDS)
-                continue
+                    continue
             if not idle:
                 conn.execute(set_idle, (True,))
                 idle = True
                 recheck = LINGER_SECONDS
                 continue  # claim again: what committed before writers could see the flag
+            if handled:
+                continue
             timeout = dispatcher.idle_timeout()
             if dispatcher.in_flight:
                 timeout = min(timeout, recheck)
                 recheck *= 2
             else:
                 recheck = LINGER_SECONDS
-            if self._wait(conn, timeout):
-                # Woken for work: stop asking writers for NOTIFYs before it starts.
+            if self._wait(conn, timeout) and rate.busy():
+                # Woken into a busy period: stop asking writers for NOTIFYs.
                 conn.execute(set_idle, (False,))
                 idle = False
-                empty_polls = 0
         if not conn.closed:
             conn.execute(UNREGISTER_LISTENER.format(schema=schema))
 

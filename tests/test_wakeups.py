@@ -63,7 +63,12 @@ def test_a_commit_racing_the_listener_into_sleep_is_not_left_to_the_safety_poll(
         pgevents.install_triggers()
     pgevents.start(app)
     wait_until(lambda: _sleeping_listeners(other_service) == 1)
-    other_service.execute("INSERT INTO thing (name) VALUES ('first')")
+    # A burst makes the listener busy: it stops asking for NOTIFYs, and the
+    # last event of the burst keeps it working until the racing writer wrote.
+    other_service.execute(
+        "INSERT INTO thing (name) SELECT CASE WHEN g = 1000 THEN 'first' ELSE 'burst' END"
+        " FROM generate_series(1, 1000) AS g"
+    )
     wait_until(lambda: _sleeping_listeners(other_service) == 0)
     with psycopg.connect(libpq_url) as racing:  # a transaction, committed later
         racing.execute("INSERT INTO thing (name) VALUES ('racing')")
