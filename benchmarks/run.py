@@ -897,16 +897,16 @@ PER_ROW_CAPTURE_DDL = """{header}
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO "pgevents"."event" (table_schema, table_name, op, new)
-        VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', to_jsonb(NEW));
+        VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', to_json(NEW));
     ELSIF TG_OP = 'UPDATE' THEN
         IF OLD IS NOT DISTINCT FROM NEW THEN
             RETURN NULL;
         END IF;
         INSERT INTO "pgevents"."event" (table_schema, table_name, op, old, new)
-        VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', to_jsonb(OLD), to_jsonb(NEW));
+        VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', to_json(OLD), to_json(NEW));
     ELSE
         INSERT INTO "pgevents"."event" (table_schema, table_name, op, old)
-        VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', to_jsonb(OLD));
+        VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', to_json(OLD));
     END IF;
     PERFORM pg_notify('pgevents', '');
     RETURN NULL;
@@ -940,7 +940,7 @@ FOR EACH STATEMENT EXECUTE FUNCTION bench_fmt.capture_insert_{kind}();
 """
 FORMATS = {
     # kind: (column type, expression, label)
-    "json": ("json", "to_json(n)", "to_json"),
+    "jsonb": ("jsonb", "to_jsonb(n)", "to_jsonb"),
     "text": ("text", "n::text", "row::text"),
 }
 
@@ -956,7 +956,7 @@ def scenario_write_cost(server: BenchServer, settings: Settings) -> ScenarioResu
     anchor); a per-row trigger (FOR EACH ROW) writing the same event table.
 
     Also the stored format of the statement-level insert capture: the
-    library's ``to_jsonb`` against ``to_json`` and ``row::text`` (temporary
+    library's ``to_json`` against ``to_jsonb`` and ``row::text`` (temporary
     copies of the event table and function, created here only), with the
     event table's size per row.
     """
@@ -966,7 +966,7 @@ def scenario_write_cost(server: BenchServer, settings: Settings) -> ScenarioResu
     plain, ours, per_row = "no triggers", f"{OURS} (statement-level)", "per-row trigger"
     result = ScenarioResult(params={"rows": rows}, measurements=[])
     with connect(url) as conn:
-        for table in ("wc_plain", "wc_stmt", "wc_row", "wc_json", "wc_text"):
+        for table in ("wc_plain", "wc_stmt", "wc_row", "wc_jsonb", "wc_text"):
             conn.execute(ITEM_DDL.format(name=table))
     app, pgevents = build_app(
         sqlalchemy_url(url, settings.driver), [item_table("wc_stmt")],
@@ -983,8 +983,8 @@ def scenario_write_cost(server: BenchServer, settings: Settings) -> ScenarioResu
 
     event_tables = [EVENT_TABLE] + [f"bench_fmt.event_{kind}" for kind in FORMATS]
     # The format variants also go in the table under their own labels.
-    format_label = {"wc_stmt": f"to_jsonb ({OURS})", "wc_json": "to_json", "wc_text": "row::text"}
-    format_event_table = {"wc_stmt": EVENT_TABLE, "wc_json": "bench_fmt.event_json",
+    format_label = {"wc_stmt": f"to_json ({OURS})", "wc_jsonb": "to_jsonb", "wc_text": "row::text"}
+    format_event_table = {"wc_stmt": EVENT_TABLE, "wc_jsonb": "bench_fmt.event_jsonb",
                           "wc_text": "bench_fmt.event_text"}
     variant_of = {"wc_plain": plain, "wc_stmt": ours, "wc_row": per_row}
     bulk_insert = BULK_INSERT
@@ -1020,7 +1020,7 @@ def scenario_write_cost(server: BenchServer, settings: Settings) -> ScenarioResu
         logger.info("write cost %s: insert %.3f s, update %.3f s, delete %.3f s",
                     variant, insert, update, delete)
 
-    tables = ["wc_plain", "wc_stmt", "wc_row", "wc_json", "wc_text"]
+    tables = ["wc_plain", "wc_stmt", "wc_row", "wc_jsonb", "wc_text"]
     try:
         with connect(url) as conn:
             for table in tables:  # warm-up: caches, plans, file extension

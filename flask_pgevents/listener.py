@@ -62,7 +62,7 @@ CONNECTION_ERRORS = _connection_errors()
 #: writers to wake it, and sleeps after LINGER_POLLS empty polls. This
 #: coalesces wake-ups under load (see the triggers' idle check).
 BUSY_EVENTS_PER_SECOND = 2000.0
-LINGER_SECONDS = 0.002
+LINGER_SECONDS = 0.005
 LINGER_POLLS = 5
 
 
@@ -84,9 +84,12 @@ class RateMeter:
             self._last_rate = self._count / elapsed
             self._start, self._count = now, 0
 
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self._start
+        return max(self._last_rate, self._count / max(elapsed, self.WINDOW))
+
     def busy(self) -> bool:
-        elapsed = max(time.monotonic() - self._start, 1e-3)
-        return max(self._last_rate, self._count / max(elapsed, self.WINDOW)) >= BUSY_EVENTS_PER_SECOND
+        return self.rate() >= BUSY_EVENTS_PER_SECOND
 
 #: A batch whose handlers run longer than this settles early and releases
 #: the events it has not reached, so that other processes can take them.
@@ -445,6 +448,7 @@ class Listener:
                     self._wait(conn, LINGER_SECONDS)
                     continue
             if not idle:
+                logger.debug("pgevents listener goes idle (%.0f events/s).", rate.rate())
                 conn.execute(set_idle, (True,))
                 idle = True
                 recheck = LINGER_SECONDS
