@@ -311,6 +311,7 @@ class PGEvents:
         identifier: Union[str, Sequence[str]],
         *,
         columns: Optional[Iterable[str]] = None,
+        broadcast: bool = False,
     ) -> Callable[[F], F]:
         """Decorate a handler for row changes of ``target``; returns it unchanged.
 
@@ -318,6 +319,9 @@ class PGEvents:
         :param identifier: ``"after_insert"``, ``"after_update"``, ``"after_delete"``
             or a list of them.
         :param columns: for updates only: fire only when one of these changed.
+        :param broadcast: run in every listening process instead of once, at
+            most once per process and only while it listens; never retried.
+            For cache invalidation and pushing to connected clients.
 
         Example::
 
@@ -327,7 +331,7 @@ class PGEvents:
         """
 
         def decorate(fn: F) -> F:
-            self.listen(target, identifier, fn, columns=columns)
+            self.listen(target, identifier, fn, columns=columns, broadcast=broadcast)
             return fn
 
         return decorate
@@ -339,9 +343,10 @@ class PGEvents:
         fn: Handler,
         *,
         columns: Optional[Iterable[str]] = None,
+        broadcast: bool = False,
     ) -> None:
         """Register ``fn`` for row changes of ``target``; see :meth:`listens_for`."""
-        self.registry.add(target, identifier, fn, columns=columns)
+        self.registry.add(target, identifier, fn, columns=columns, broadcast=broadcast)
         for app in list(self._apps):
             app.extensions["pgevents"].forget_tables()
 

@@ -20,9 +20,13 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .connection import Connection
 from .events import Event, load_row
-from .registry import TableKey
+from .registry import BROADCAST_PREFIX, TableKey
 from .triggers import (
+    BROADCAST_RETENTION_SECONDS,
+    BROADCAST_START,
     CLAIM_BATCH,
+    PURGE_BROADCAST,
+    READ_BROADCAST,
     DELETE_HANDLED,
     LISTENER_GRANTS,
     MARK_HANDLED,
@@ -151,6 +155,10 @@ class Dispatcher:
         self.next_retry_at: Optional[float] = None
         #: Transactions in progress at the last claim's snapshot.
         self.in_flight = 0
+        self.read_broadcast_sql = READ_BROADCAST.format(schema=schema)
+        self.purge_broadcast_sql = PURGE_BROADCAST.format(schema=schema)
+        #: (txid, id) of the last broadcast row read by this process.
+        self.broadcast_position: tuple[str, int] = ("0", 0)
         self._last_purge = 0.0
 
     def run_batch(self, conn: Connection, stop: Optional[threading.Event] = None) -> int:
@@ -180,6 +188,58 @@ class Dispatcher:
             raise
         return len(handled) + len(failures)
 
+    def start_broadcasts(self, conn: Connection) -> None:
+        """Read broadcast changes from now on: those committed from this moment."""
+        self.broadcast_position = (conn.execute(BROADCAST_START).fetchone()[0], 0)
+
+    def run_broadcasts(self, conn: Connection) -> int:
+        """Call broadcast handlers for changes committed since the last call; at most once."""
+        state = self.state
+        if not state.registry.has_broadcast():
+            return 0
+        rows = conn.execute(
+            self.read_broadcast_sql, (*self.broadcast_position, state.config.batch_size)
+        ).fetchall()
+        if not rows:
+            return 0
+        self.broadcast_position = (rows[-1][0], rows[-1][1])
+        with state.app.app_context():
+            for _txid, event_id, schema, table, op, old, new, created_at in rows:
+                key = TableKey(schema, table)
+                subscriptions = state.registry.handlers_for(key, BROADCAST_PREFIX + op)
+                if not subscriptions:
+                    continue
+                try:
+                    event = self._event(key, event_id, op, old, new, created_at, 1)
+                except Exception:  # noqa: BLE001 - broadcast is at most once: log and go on
+                    logger.exception("Broadcast event %s (%s on %s) could not be decoded.", event_id, op, key)
+                    continue
+                for sub in subscriptions:
+                    if sub.columns is not None and not (sub.columns & event.changed):
+                        continue
+                    try:
+                        sub.handler(event)
+                    except Exception:  # noqa: BLE001 - broadcast handlers are not retried
+                        logger.exception(
+                            "Broadcast handler %s failed for event %s (%s on %s); broadcast"
+                            " events are not retried.", sub.name, event_id, op, key,
+                        )
+                        state.rollback_session()
+        return len(rows)
+
+    def _event(self, key: TableKey, event_id: int, op: str, old: Any, new: Any, created_at: Any, attempt: int) -> Event:
+        info = self.state.table_info(key)
+        return Event(
+            id=event_id,
+            op=op,
+            table=str(key),
+            model=info.model,
+            new=info.decoder.decode(load_row(new)),
+            old=info.decoder.decode(load_row(old)),
+            timestamp=created_at,
+            attempt=attempt,
+        )
+
     def _dispatch(self, rows: list[Any], stop: Optional[threading.Event]) -> tuple[list[int], list[tuple[Any, ...]]]:
         state = self.state
         handled: list[int] = []
@@ -196,17 +256,7 @@ class Dispatcher:
                 already_done = set(done or ())
                 errors: dict[str, dict[str, str]] = {}
                 try:
-                    info = state.table_info(key)
-                    event = Event(
-                        id=event_id,
-                        op=op,
-                        table=str(key),
-                        model=info.model,
-                        new=info.decoder.decode(load_row(new)),
-                        old=info.decoder.decode(load_row(old)),
-                        timestamp=created_at,
-                        attempt=attempt + 1,
-                    )
+                    event = self._event(key, event_id, op, old, new, created_at, attempt + 1)
                 except Exception as exc:  # noqa: BLE001 - one bad row must not block the queue
                     logger.exception(
                         "Event %s (%s on %s) could not be decoded; it is retried like a failed handler.",
@@ -258,11 +308,18 @@ class Dispatcher:
             conn.execute(self.failure_sql, (attempt, done, json.dumps(errors), status, delay, event_id))
 
     def purge_if_due(self, conn: Connection) -> None:
-        """Remove handled events older than the retention, at most once a minute."""
+        """Remove handled events older than the retention, and old broadcasts.
+
+        At most once a minute (or once per retention period, if shorter).
+        """
         retention = self.state.config.retention
-        if retention <= 0 or time.monotonic() - self._last_purge < min(60.0, retention):
+        period = min(60.0, retention) if retention > 0 else 60.0
+        if time.monotonic() - self._last_purge < period:
             return
-        conn.execute(self.purge_sql, (retention,))
+        if retention > 0:
+            conn.execute(self.purge_sql, (retention,))
+        if self.state.registry.has_broadcast():
+            conn.execute(self.purge_broadcast_sql, (BROADCAST_RETENTION_SECONDS,))
         self._last_purge = time.monotonic()
 
     def idle_timeout(self) -> float:
@@ -424,12 +481,13 @@ class Listener:
         set_idle = SET_LISTENER_IDLE.format(schema=schema)
         batch_size = self.state.config.batch_size
         conn.execute(REGISTER_LISTENER.format(schema=schema))
+        dispatcher.start_broadcasts(conn)
         rate = RateMeter()
         empty_polls = 0
         idle = False
         recheck = LINGER_SECONDS
         while not self._stop.is_set():
-            handled = dispatcher.run_batch(conn, self._stop)
+            handled = dispatcher.run_batch(conn, self._stop) + dispatcher.run_broadcasts(conn)
             reconnect.reset()  # only a working claim proves the set-up right
             rate.add(handled)
             if handled:

@@ -23,6 +23,14 @@ EVENT_OPERATIONS = {
     "after_delete": "delete",
 }
 OPERATIONS = tuple(EVENT_OPERATIONS.values())
+#: Broadcast handlers are kept apart under "broadcast_<operation>": they have
+#: triggers and a table of their own (see triggers.py).
+BROADCAST_PREFIX = "broadcast_"
+
+
+def base_operation(kind: str) -> str:
+    """``"insert"`` for both ``"insert"`` and ``"broadcast_insert"``."""
+    return kind[len(BROADCAST_PREFIX):] if kind.startswith(BROADCAST_PREFIX) else kind
 
 Handler = Callable[..., Any]
 Target = Union[type, sa.Table, str]
@@ -233,6 +241,7 @@ class Registry:
         fn: Handler,
         *,
         columns: Optional[Iterable[str]] = None,
+        broadcast: bool = False,
     ) -> list[Subscription]:
         """Validate and store a handler; return the subscriptions it made.
 
@@ -250,8 +259,9 @@ class Registry:
         added = []
         with self._lock:
             for op in operations:
+                kind = BROADCAST_PREFIX + op if broadcast else op
                 sub = Subscription(
-                    table_key, op, fn, wanted, self._name_for(table_key, op, fn), model, sa_table
+                    table_key, kind, fn, wanted, self._name_for(table_key, kind, fn), model, sa_table
                 )
                 if not any(self._same(sub, old) for old in self._subscriptions):
                     self._subscriptions.append(sub)
@@ -289,7 +299,7 @@ class Registry:
                 # == and not "is": each access to obj.method makes a new bound method.
                 matches = [
                     s for s in self._subscriptions
-                    if s.table == table_key and s.operation == op and s.handler == fn
+                    if s.table == table_key and base_operation(s.operation) == op and s.handler == fn
                 ]
                 if not matches:
                     raise UnknownHandlerError(
@@ -315,8 +325,11 @@ class Registry:
         self._by_key = {key: tuple(subs) for key, subs in by_key.items()}
 
     def subscribed(self) -> list[tuple[TableKey, str]]:
-        """Every (table, operation) that has at least one handler."""
-        return list(self._by_key)
+        """Every (table, operation) that has at least one queued (not broadcast) handler."""
+        return [key for key in self._by_key if not key[1].startswith(BROADCAST_PREFIX)]
+
+    def has_broadcast(self) -> bool:
+        return any(op.startswith(BROADCAST_PREFIX) for _, op in self._by_key)
 
     def handlers_for(self, table: TableKey, operation: str) -> tuple[Subscription, ...]:
         """The subscriptions for one table and operation, in registration order."""
@@ -332,7 +345,7 @@ class Registry:
         """
         needed: dict[tuple[TableKey, str], Optional[frozenset[str]]] = {}
         for (table, op), subs in self._by_key.items():
-            if op != "update" or any(s.columns is None for s in subs):
+            if base_operation(op) != "update" or any(s.columns is None for s in subs):
                 needed[(table, op)] = None
             else:
                 needed[(table, op)] = frozenset().union(*(s.columns or () for s in subs))

@@ -11,7 +11,10 @@ import datetime
 import json
 from typing import Any, Optional, Sequence
 
-from .registry import OPERATIONS, TableKey
+from .registry import BROADCAST_PREFIX, OPERATIONS, TableKey, base_operation
+
+#: Every kind of trigger: queued delivery per operation, and broadcast.
+TRIGGER_KINDS = OPERATIONS + tuple(BROADCAST_PREFIX + op for op in OPERATIONS)
 
 #: Bump when the layout of the event table changes incompatibly.
 SCHEMA_VERSION = 1
@@ -39,6 +42,19 @@ CREATE TABLE IF NOT EXISTS {schema}."event" (
 -- The one index: every hot query reads pending events by id. Handled events
 -- are deleted (or kept for PGEVENTS_RETENTION) and never slow the claim.
 CREATE INDEX IF NOT EXISTS "event_pending" ON {schema}."event" (id) WHERE status = 'pending';
+-- Changes for broadcast handlers, which every listening process reads and
+-- none claims. Unlogged and short-lived: broadcast is at most once.
+CREATE UNLOGGED TABLE IF NOT EXISTS {schema}."broadcast" (
+    id bigint NOT NULL DEFAULT nextval({event_id_sequence}::regclass),
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    op text NOT NULL,
+    old json,
+    new json,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS "broadcast_order" ON {schema}."broadcast" (txid, id);
 -- Listeners that sleep, waiting for a NOTIFY. Writers notify only when one
 -- does: NOTIFY serializes every notifying commit in the cluster.
 CREATE UNLOGGED TABLE IF NOT EXISTS {schema}."listener" (
@@ -72,7 +88,7 @@ CAPTURE_BODIES = {
     "insert": """
 #variable_conflict use_variable
 BEGIN
-    INSERT INTO {schema}."event" (table_schema, table_name, op, new)
+    INSERT INTO {schema}.{target} (table_schema, table_name, op, new)
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', to_json(n.*)
     FROM pgevents_new AS n;
     IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
@@ -86,7 +102,7 @@ END
     "update": """
 #variable_conflict use_variable
 BEGIN
-    INSERT INTO {schema}."event" (table_schema, table_name, op, old, new)
+    INSERT INTO {schema}.{target} (table_schema, table_name, op, old, new)
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', o.j, n.j
     FROM (SELECT row_number() OVER () AS rn, to_jsonb(x.*) AS r, to_json(x.*) AS j
           FROM pgevents_old AS x) AS o
@@ -109,7 +125,7 @@ END
     "delete": """
 #variable_conflict use_variable
 BEGIN
-    INSERT INTO {schema}."event" (table_schema, table_name, op, old)
+    INSERT INTO {schema}.{target} (table_schema, table_name, op, old)
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', to_json(o.*)
     FROM pgevents_old AS o;
     IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
@@ -220,6 +236,25 @@ LISTENER_GRANTS = (
 UNREGISTER_LISTENER = 'DELETE FROM {schema}."listener" WHERE pid = pg_catalog.pg_backend_pid()'
 
 
+# Broadcast: every listener reads, in commit-safe order, what committed
+# transactions wrote. Only transactions older than the snapshot's xmin are
+# read, so one that commits late can never be skipped.
+BROADCAST_START = "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text"
+READ_BROADCAST = """
+SELECT txid::text, id, table_schema, table_name, op, old::text, new::text, created_at
+FROM {schema}."broadcast"
+WHERE (txid, id) > (%s::xid8, %s)
+  AND txid < pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())
+ORDER BY txid, id
+LIMIT %s
+"""
+#: Broadcast rows are kept this long: a listener further behind misses them.
+BROADCAST_RETENTION_SECONDS = 60
+PURGE_BROADCAST = (
+    'DELETE FROM {schema}."broadcast" WHERE created_at < now() - %s * interval \'1 second\''
+)
+
+
 def subscription_key(table: TableKey, operation: str) -> str:
     """How CLAIM_BATCH names a table and operation, unambiguously for any names."""
     return f"{len(table.schema)}:{table.schema}{table.name}:{operation}"
@@ -254,19 +289,20 @@ def qualified(table: TableKey) -> str:
     return f"{quote_ident(table.schema)}.{quote_ident(table.name)}"
 
 
-def trigger_name(schema: str, operation: str) -> str:
-    """The trigger's name: one per operation per table, named after the schema."""
-    return f"{schema}_{operation}"
+def trigger_name(schema: str, kind: str) -> str:
+    """The trigger's name: one per kind per table, named after the schema."""
+    return f"{schema}_{kind}"
 
 
-def function_name(operation: str) -> str:
-    return f"capture_{operation}"
+def function_name(kind: str) -> str:
+    return f"capture_{kind}"
 
 
-def function_body(schema: str, operation: str) -> str:
+def function_body(schema: str, kind: str) -> str:
     """The exact source PostgreSQL stores for a capture function (``prosrc``)."""
-    return CAPTURE_BODIES[operation].format(
-        schema=quote_ident(schema), channel=quote_literal(schema)
+    target = '"broadcast"' if kind.startswith(BROADCAST_PREFIX) else '"event"'
+    return CAPTURE_BODIES[base_operation(kind)].format(
+        schema=quote_ident(schema), channel=quote_literal(schema), target=target
     )
 
 
@@ -313,7 +349,7 @@ class TriggerManager:
                 " contain no '$'. Set PGEVENTS_SCHEMA to a plain name."
             )
         # Longer trigger names would be cut by PostgreSQL and could collide.
-        suffix = max(len(trigger_name("", op)) for op in OPERATIONS)
+        suffix = max(len(trigger_name("", kind)) for kind in TRIGGER_KINDS)
         if len(schema.encode()) + suffix > MAX_IDENTIFIER_BYTES:
             raise ValueError(
                 f"Event schema name {schema!r} is too long: trigger names are"
@@ -331,8 +367,9 @@ class TriggerManager:
 
     def schema_sql(self) -> list[str]:
         schema = quote_ident(self.schema)
-        statements = [CREATE_SCHEMA.format(schema=schema)]
-        for op in OPERATIONS:
+        sequence = quote_literal(f'{schema}."event_id_seq"')
+        statements = [CREATE_SCHEMA.format(schema=schema, event_id_sequence=sequence)]
+        for op in TRIGGER_KINDS:
             statements.append(
                 FUNCTION_HEADER.format(schema=schema, function=function_name(op))
                 + function_body(self.schema, op)
@@ -345,8 +382,8 @@ class TriggerManager:
         return CREATE_TRIGGER.format(
             trigger=quote_ident(trigger_name(self.schema, operation)),
             table=qualified(table),
-            operation=operation.upper(),
-            transition_tables=TRANSITION_TABLES[operation],
+            operation=base_operation(operation).upper(),
+            transition_tables=TRANSITION_TABLES[base_operation(operation)],
             schema=quote_ident(self.schema),
             function=function_name(operation),
             arguments=arguments,
@@ -411,7 +448,7 @@ class TriggerManager:
             if not function.startswith("capture_"):
                 continue
             operation = function[len("capture_"):]
-            if operation not in OPERATIONS:
+            if operation not in TRIGGER_KINDS:
                 continue
             values = [a.decode() for a in bytes(args).split(b"\x00")[:nargs]]
             columns = frozenset(values) if values else None
