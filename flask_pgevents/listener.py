@@ -519,8 +519,9 @@ class Listener:
                 recheck *= 2
             else:
                 recheck = LINGER_SECONDS
-            if self._wait(conn, timeout) and rate.busy():
-                # Woken into a busy period: stop asking writers for NOTIFYs.
+            if self._wait(conn, timeout):
+                # Woken for work: stop asking writers for NOTIFYs at once, or
+                # a burst of concurrent writers would all queue on NOTIFY's lock.
                 conn.execute(set_idle, (False,))
                 idle = False
         if not conn.closed:

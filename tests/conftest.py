@@ -95,6 +95,21 @@ def make_app(database_url: str) -> Iterator[Callable[..., tuple[Flask, SQLAlchem
                     engine.dispose()
 
 
+def thing_app(make_app: Callable[..., Any], **config: Any) -> tuple[Flask, SQLAlchemy, PGEvents, Any]:
+    """An app with a ``Thing(id, name)`` model, set up and its table created."""
+    app, db, pgevents = make_app(**config)
+
+    class Thing(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "thing"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(sa.String, nullable=False)
+
+    pgevents.init_app(app)
+    with app.app_context():
+        db.create_all()
+    return app, db, pgevents, Thing
+
+
 class Recorder:
     """Collects handler calls and lets a test wait for them with a timeout."""
 

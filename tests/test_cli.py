@@ -18,11 +18,10 @@ from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
-import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from conftest import wait_until
+from conftest import thing_app, wait_until
 from flask_pgevents.cli import pgevents_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,18 +46,6 @@ def also_ignore(event: Any) -> None:
     """Another handler that does nothing."""
 
 
-def thing_app(make_app: Any, **config: Any) -> Any:
-    app, db, pgevents = make_app(**config)
-
-    class Thing(db.Model):
-        __tablename__ = "thing"
-        id = sa.Column(sa.Integer, primary_key=True)
-        name = sa.Column(sa.String, nullable=False)
-
-    pgevents.init_app(app)
-    with app.app_context():
-        db.create_all()
-    return app, db, pgevents, Thing
 
 
 def triggers_on(conn: psycopg.Connection, table: str) -> list[str]:

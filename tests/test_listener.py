@@ -1,27 +1,16 @@
 """The listener thread: wake-ups, catch-up, order, failing handlers, stop."""
 from __future__ import annotations
 
-import sqlalchemy as sa
 
-from conftest import wait_until
+from conftest import thing_app, wait_until
 
 
-def _thing_app(make_app, **config):
-    app, db, pgevents = make_app(**config)
-
-    class Thing(db.Model):
-        __tablename__ = "thing"
-        id = sa.Column(sa.Integer, primary_key=True)
-        name = sa.Column(sa.String, nullable=False)
-
-    pgevents.init_app(app)
-    return app, db, pgevents, Thing
 
 
 def test_thread_handles_events_in_commit_order_inside_app_context(make_app, other_service, recorder):
     from flask import current_app
 
-    app, db, pgevents, Thing = _thing_app(make_app)
+    app, db, pgevents, Thing = thing_app(make_app)
     seen_apps = []
 
     @pgevents.listens_for(Thing, "after_insert")
@@ -42,7 +31,7 @@ def test_thread_handles_events_in_commit_order_inside_app_context(make_app, othe
 
 
 def test_events_committed_while_no_listener_runs_are_handled_on_start(make_app, other_service, recorder):
-    app, db, pgevents, Thing = _thing_app(make_app)
+    app, db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", recorder)
     with app.app_context():
         db.create_all()
@@ -54,7 +43,7 @@ def test_events_committed_while_no_listener_runs_are_handled_on_start(make_app, 
 
 
 def test_rolled_back_change_is_never_delivered(make_app, other_service, recorder):
-    app, db, pgevents, Thing = _thing_app(make_app)
+    app, db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", recorder)
     with app.app_context():
         db.create_all()
@@ -68,7 +57,7 @@ def test_rolled_back_change_is_never_delivered(make_app, other_service, recorder
 
 
 def test_a_raising_handler_stops_neither_the_loop_nor_other_handlers(make_app, other_service, recorder, caplog):
-    app, db, pgevents, Thing = _thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1)
+    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1)
 
     @pgevents.listens_for(Thing, "after_insert")
     def broken(event):

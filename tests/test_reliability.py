@@ -13,10 +13,9 @@ from typing import Any, Iterator
 
 import psycopg
 import pytest
-import sqlalchemy as sa
 
 import reliability_app
-from conftest import wait_until
+from conftest import thing_app, wait_until
 from flask_pgevents.embedded import EmbeddedPostgres
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,22 +92,10 @@ def handled_by(conn: psycopg.Connection) -> dict[int, list[int]]:
     return result
 
 
-def _thing_app(make_app: Any, **config: Any) -> Any:
-    app, db, pgevents = make_app(**config)
-
-    class Thing(db.Model):
-        __tablename__ = "thing"
-        id = sa.Column(sa.Integer, primary_key=True)
-        name = sa.Column(sa.String, nullable=False)
-
-    pgevents.init_app(app)
-    with app.app_context():
-        db.create_all()
-    return app, db, pgevents, Thing
 
 
 def test_terminated_backend_is_replaced_and_next_event_handled_within_2s(make_app, other_service, recorder):
-    app, db, pgevents, Thing = _thing_app(make_app)
+    app, db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", recorder)
     with app.app_context():
         pgevents.install_triggers()
@@ -135,7 +122,7 @@ def test_server_restart_mid_stream_loses_nothing(own_server, driver, make_app, r
     # A dedicated server: restarting it must not disturb the other tests' one.
     url = own_server.url(driver=driver)
     libpq = own_server.url()
-    app, db, pgevents, Thing = _thing_app(
+    app, db, pgevents, Thing = thing_app(
         make_app, SQLALCHEMY_DATABASE_URI=url, PGEVENTS_RECONNECT_BACKOFF_MAX=0.5
     )
     pgevents.listen(Thing, "after_insert", recorder)
@@ -248,7 +235,7 @@ def test_stop_signal_finishes_the_handler_and_releases_the_rest(
 
 
 def test_stop_waits_for_the_handler_in_progress(make_app, other_service):
-    app, db, pgevents, Thing = _thing_app(make_app)
+    app, db, pgevents, Thing = thing_app(make_app)
     started, finished = threading.Event(), threading.Event()
 
     @pgevents.listens_for(Thing, "after_insert")
@@ -269,7 +256,7 @@ def test_stop_waits_for_the_handler_in_progress(make_app, other_service):
 
 
 def test_retries_are_per_handler_with_counted_attempts(make_app, other_service):
-    app, db, pgevents, Thing = _thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=5, PGEVENTS_RETRY_BACKOFF=0.01)
+    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=5, PGEVENTS_RETRY_BACKOFF=0.01)
     calls: dict[str, list[int]] = {"steady": [], "flaky": []}
 
     @pgevents.listens_for(Thing, "after_insert")
@@ -292,7 +279,7 @@ def test_retries_are_per_handler_with_counted_attempts(make_app, other_service):
 
 
 def test_last_failed_attempt_is_kept_with_error_and_traceback(make_app, other_service):
-    app, db, pgevents, Thing = _thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=2, PGEVENTS_RETRY_BACKOFF=0.01)
+    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=2, PGEVENTS_RETRY_BACKOFF=0.01)
     attempts: list[int] = []
 
     @pgevents.listens_for(Thing, "after_insert")
@@ -317,7 +304,7 @@ def test_last_failed_attempt_is_kept_with_error_and_traceback(make_app, other_se
 
 
 def test_retention_keeps_handled_events_then_purges_them(make_app, other_service, recorder):
-    app, db, pgevents, Thing = _thing_app(make_app, PGEVENTS_RETENTION=0.5)
+    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_RETENTION=0.5)
     pgevents.listen(Thing, "after_insert", recorder)
     with app.app_context():
         pgevents.install_triggers()
@@ -367,7 +354,7 @@ def test_interpreter_exit_settles_the_batch_in_progress(reliability_db, other_se
 
 
 def test_a_handler_that_forks_keeps_the_listener_running(make_app, other_service, recorder):
-    app, db, pgevents, Thing = _thing_app(make_app)
+    app, db, pgevents, Thing = thing_app(make_app)
 
     @pgevents.listens_for(Thing, "after_insert")
     def forks(event):

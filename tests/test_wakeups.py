@@ -5,23 +5,10 @@ import threading
 import time
 
 import psycopg
-import sqlalchemy as sa
 
-from conftest import wait_until
+from conftest import thing_app, wait_until
 
 
-def _app(make_app, **config):
-    app, db, pgevents = make_app(**config)
-
-    class Thing(db.Model):
-        __tablename__ = "thing"
-        id = sa.Column(sa.Integer, primary_key=True)
-        name = sa.Column(sa.String, nullable=False)
-
-    pgevents.init_app(app)
-    with app.app_context():
-        db.create_all()
-    return app, db, pgevents, Thing
 
 
 def _sleeping_listeners(conn: psycopg.Connection) -> int:
@@ -29,7 +16,7 @@ def _sleeping_listeners(conn: psycopg.Connection) -> int:
 
 
 def test_writers_notify_only_while_a_listener_sleeps(make_app, other_service, libpq_url, recorder):
-    app, db, pgevents, Thing = _app(make_app)
+    app, db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", recorder)
     with app.app_context():
         pgevents.install_triggers()
@@ -48,7 +35,7 @@ def test_writers_notify_only_while_a_listener_sleeps(make_app, other_service, li
 
 def test_a_commit_racing_the_listener_into_sleep_is_not_left_to_the_safety_poll(make_app, other_service, libpq_url):
     # A safety poll so long that only the in-flight recheck can deliver in time.
-    app, db, pgevents, Thing = _app(make_app, PGEVENTS_POLL_INTERVAL=60)
+    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_POLL_INTERVAL=60)
     writer_inserted = threading.Event()
     handled: dict[str, float] = {}
 
