@@ -35,6 +35,7 @@ from .triggers import (
     REGISTER_LISTENER,
     SET_LISTENER_IDLE,
     UNREGISTER_LISTENER,
+    VACUUM_EVENTS,
     channel_for,
     subscription_key,
     quote_ident,
@@ -94,6 +95,9 @@ class RateMeter:
 
     def busy(self) -> bool:
         return self.rate() >= BUSY_EVENTS_PER_SECOND
+
+#: The listener vacuums the event table after settling this many events.
+VACUUM_EVERY_EVENTS = 20_000
 
 #: A batch whose handlers run longer than this settles early and releases
 #: the events it has not reached, so that other processes can take them.
@@ -157,6 +161,9 @@ class Dispatcher:
         self.in_flight = 0
         self.read_broadcast_sql = READ_BROADCAST.format(schema=schema)
         self.purge_broadcast_sql = PURGE_BROADCAST.format(schema=schema)
+        self.vacuum_sql = VACUUM_EVENTS.format(schema=schema)
+        self._settled_since_vacuum = 0
+        self._last_vacuum = time.monotonic()
         #: (txid, id) of the last broadcast row read by this process.
         self.broadcast_position: tuple[str, int] = ("0", 0)
         self._last_purge = 0.0
@@ -186,6 +193,7 @@ class Dispatcher:
                 except CONNECTION_ERRORS:
                     pass
             raise
+        self._settled_since_vacuum += len(handled) + len(failures)
         return len(handled) + len(failures)
 
     def start_broadcasts(self, conn: Connection) -> None:
@@ -321,6 +329,14 @@ class Dispatcher:
         if self.state.registry.has_broadcast():
             conn.execute(self.purge_broadcast_sql, (BROADCAST_RETENTION_SECONDS,))
         self._last_purge = time.monotonic()
+
+    def vacuum_if_due(self, conn: Connection) -> None:
+        """Vacuum the event table after many settled events, at most every 2 s."""
+        if self._settled_since_vacuum < VACUUM_EVERY_EVENTS or time.monotonic() - self._last_vacuum < 2.0:
+            return
+        conn.execute(self.vacuum_sql)
+        self._settled_since_vacuum = 0
+        self._last_vacuum = time.monotonic()
 
     def idle_timeout(self) -> float:
         """How long to sleep when nothing is pending: the safety poll, or less."""
@@ -490,6 +506,7 @@ class Listener:
             handled = dispatcher.run_batch(conn, self._stop) + dispatcher.run_broadcasts(conn)
             reconnect.reset()  # only a working claim proves the set-up right
             rate.add(handled)
+            dispatcher.vacuum_if_due(conn)
             if handled:
                 empty_polls = 0
                 if handled >= batch_size or rate.busy():

@@ -248,6 +248,11 @@ WHERE (txid, id) > (%s::xid8, %s)
 ORDER BY txid, id
 LIMIT %s
 """
+# Autovacuum wakes once a minute: at thousands of events a second the event
+# table would grow by a minute of deleted rows between its visits, so the
+# listener vacuums it itself (skipped with a warning if its role may not).
+VACUUM_EVENTS = 'VACUUM (SKIP_LOCKED) {schema}."event"'
+
 #: Broadcast rows are kept this long: a listener further behind misses them.
 BROADCAST_RETENTION_SECONDS = 60
 PURGE_BROADCAST = (
