@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import psycopg
@@ -138,6 +140,22 @@ class Recorder:
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
+
+
+def wait_while_running(
+    proc: "subprocess.Popen[Any]", log: "Path", predicate: Callable[[], Any], timeout: float = 20.0
+) -> Any:
+    """Poll ``predicate`` like :func:`wait_until`; fail at once, with the output, if the process ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s:\n{log.read_text()}")
+        time.sleep(0.05)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:

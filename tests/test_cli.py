@@ -21,7 +21,7 @@ import pytest
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from conftest import thing_app, wait_until
+from conftest import thing_app, wait_until, wait_while_running
 from flask_pgevents.cli import pgevents_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -368,19 +368,6 @@ def init_example(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spec.loader.exec_module(example)
     example.init_database()
 
-
-def wait_while_running(proc: subprocess.Popen, log: Path, predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll ``predicate``; fail early, with the output, if the process ended."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode}:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s:\n{log.read_text()}")
-        time.sleep(0.05)
 
 
 def listener_backends(conn: psycopg.Connection) -> int:

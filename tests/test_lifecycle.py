@@ -29,7 +29,7 @@ from flask import Flask
 from flask.cli import FlaskGroup
 from flask_sqlalchemy import SQLAlchemy
 
-from conftest import wait_until
+from conftest import wait_until, wait_while_running
 from flask_pgevents import PGEvents
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,19 +142,6 @@ class Processes:
         self.started.append((proc, log))
         return proc, log
 
-    def wait(self, proc: subprocess.Popen[bytes], log: Path, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
-        """Poll ``predicate``; fail at once, with the output, if the process ended."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if proc.poll() is not None:
-                raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout} s:\n{log.read_text()}")
-            time.sleep(0.05)
-
     def stop_all(self) -> None:
         for proc, _ in reversed(self.started):
             _signal_group(proc, signal.SIGTERM)
@@ -209,13 +196,13 @@ def test_gunicorn_workers_each_run_one_listener_and_handle_each_event_once(
             listening[status["pid"]] = status["listener"]
         return len(listening) == 2 and all(listening.values())
 
-    processes.wait(master, log, both_workers_report_a_listener)
+    wait_while_running(master, log, both_workers_report_a_listener)
     workers = set(listening)
     assert master.pid not in workers
-    processes.wait(master, log, lambda: listener_backends(other_service) >= 2)
+    wait_while_running(master, log, lambda: listener_backends(other_service) >= 2)
 
     insert_items(other_service, 200)
-    processes.wait(master, log, lambda: settled(other_service, 200))
+    wait_while_running(master, log, lambda: settled(other_service, 200))
     handled = handled_by_item(other_service)
     assert sorted(handled) == list(range(1, 201))
     assert {item: pids for item, pids in handled.items() if len(pids) != 1} == {}
@@ -247,27 +234,27 @@ def test_flask_run_has_exactly_one_listener_in_the_serving_process(
         ],
         example_db,
     )
-    status = processes.wait(server, log, lambda: get_status(port))
+    status = wait_while_running(server, log, lambda: get_status(port))
     serving = status["pid"]
     assert status["listener"] is True
     assert (serving != server.pid) is reloader  # with the reloader, its child serves
-    processes.wait(server, log, lambda: listener_backends(other_service) >= 1)
+    wait_while_running(server, log, lambda: listener_backends(other_service) >= 1)
 
     insert_items(other_service, 20)
-    processes.wait(server, log, lambda: settled(other_service, 20))
+    wait_while_running(server, log, lambda: settled(other_service, 20))
     assert handled_by_item(other_service) == {item: [serving] for item in range(1, 21)}
     assert listener_backends(other_service) == 1
 
     if "--reload" in flask_args:
         # A reload replaces the serving process: still exactly one listener.
         os.utime(watched, (time.time() + 5, time.time() + 5))
-        status = processes.wait(
+        status = wait_while_running(
             server, log, lambda: (s := get_status(port)) is not None and s["pid"] != serving and s
         )
         serving = status["pid"]
-        processes.wait(server, log, lambda: listener_backends(other_service) == 1)
+        wait_while_running(server, log, lambda: listener_backends(other_service) == 1)
         insert_items(other_service, 20)
-        processes.wait(server, log, lambda: settled(other_service, 40))
+        wait_while_running(server, log, lambda: settled(other_service, 40))
         handled = handled_by_item(other_service)
         assert {item: handled[item] for item in range(21, 41)} == {item: [serving] for item in range(21, 41)}
         assert listener_backends(other_service) == 1
