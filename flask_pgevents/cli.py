@@ -11,6 +11,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from .errors import PGEventsError
 from .extension import AppState
 from .listener import CONNECTION_ERRORS
 
@@ -38,6 +39,8 @@ def _database_errors(fn: F) -> F:
             url = _state().url.render_as_string(hide_password=True)
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise click.ClickException(f"Could not reach the database {url}: {reason}") from None
+        except PGEventsError as exc:
+            raise click.ClickException(str(exc)) from None
 
     return wrapper  # type: ignore[return-value]
 

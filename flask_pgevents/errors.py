@@ -32,3 +32,7 @@ class ConfigurationError(PGEventsError, RuntimeError):
 
 class AlreadyRegisteredError(PGEventsError, RuntimeError):
     """``init_app`` was called twice for the same app."""
+
+
+class MissingTableError(PGEventsError, LookupError):
+    """A handler's table does not exist when triggers are installed."""

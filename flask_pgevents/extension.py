@@ -380,12 +380,18 @@ class PGEvents:
 
         Idempotent: outdated triggers are replaced, unneeded ones dropped.
         Returns the statements it ran.
+
+        :raises MissingTableError: if a handler's table does not exist.
+        :raises UnknownColumnError: if ``columns=`` names a column it lacks
+            (checked here for string targets, which registration cannot check).
         """
         state = self._state(app)
+        needed = self.registry.needed_triggers()
         conn = state.connect()
         try:
+            state.triggers.check_tables(conn.cursor, needed)
             installed = state.triggers.installed(conn.cursor)
-            statements = state.triggers.install_sql(self.registry.needed_triggers(), installed)
+            statements = state.triggers.install_sql(needed, installed)
             conn.run_script(statements)
         finally:
             conn.close()

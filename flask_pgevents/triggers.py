@@ -11,6 +11,7 @@ import datetime
 import json
 from typing import Any, Optional, Sequence
 
+from .errors import MissingTableError, UnknownColumnError
 from .registry import BROADCAST_PREFIX, OPERATIONS, TableKey, base_operation
 
 #: Every kind of trigger: queued delivery per operation, and broadcast.
@@ -172,6 +173,15 @@ ORDER BY tn.nspname, c.relname, t.tgname
 """
 
 SCHEMA_EXISTS = "SELECT to_regclass(%s) IS NOT NULL"
+
+# The columns of a table named by schema and name (no SQL built from names).
+TABLE_COLUMNS = """
+SELECT a.attname
+FROM pg_catalog.pg_class AS c
+JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_attribute AS a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
+"""
 
 BACKLOG = """
 SELECT count(*) FILTER (WHERE status = 'pending'),
@@ -486,6 +496,33 @@ class TriggerManager:
                 state = "installed"
             report.append(TriggerStatus(key[0], key[1], state))
         return report
+
+    def check_tables(
+        self, cursor: Any, needed: dict[tuple[TableKey, str], Optional[frozenset[str]]]
+    ) -> None:
+        """Fail clearly, before any DDL, for a missing table or a watched column it lacks.
+
+        :raises MissingTableError, UnknownColumnError:
+        """
+        columns_by_table: dict[TableKey, set[str]] = {}
+        for (table, kind), watched in sorted(needed.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            if table not in columns_by_table:
+                cursor.execute(TABLE_COLUMNS, (table.schema, table.name))
+                columns_by_table[table] = {name for (name,) in cursor.fetchall()}
+            existing = columns_by_table[table]
+            if not existing:
+                raise MissingTableError(
+                    f"Table {str(table)!r} does not exist, so no trigger can be installed"
+                    " on it. Create it first (db.create_all() or a migration), or fix the"
+                    " handler's target."
+                )
+            unknown = sorted((watched or frozenset()) - existing)
+            if unknown:
+                raise UnknownColumnError(
+                    f"No column {', '.join(map(repr, unknown))} in table {str(table)!r},"
+                    f" watched by an 'after_{base_operation(kind)}' handler. Expected some of"
+                    f" {', '.join(map(repr, sorted(existing)))}."
+                )
 
     def schema_exists(self, cursor: Any) -> bool:
         cursor.execute(SCHEMA_EXISTS, (self.event_table,))

@@ -809,3 +809,35 @@ def test_event_schema_names_must_leave_room_for_trigger_names(make_app, other_se
     assert set(_states(app, pgevents).values()) == {"installed"}
     other_service.execute("""INSERT INTO "user" (email, name) VALUES ('a@x', 'A')""")
     assert _drain(app, pgevents) == 1
+
+
+def test_install_names_a_missing_table_and_a_misspelt_column_of_a_string_target(
+    make_app, other_service, recorder
+):
+    from flask_pgevents import MissingTableError, UnknownColumnError
+    from flask_pgevents.cli import pgevents_cli
+
+    app, db, pgevents = make_app()
+    pgevents.init_app(app)
+    other_service.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric, memo text)")
+    pgevents.listen("public.ledger", "after_update", recorder, columns=["ammount"])
+    with app.app_context():
+        with pytest.raises(UnknownColumnError) as info:
+            pgevents.install_triggers()
+    assert str(info.value) == (
+        "No column 'ammount' in table 'public.ledger', watched by an 'after_update' handler."
+        " Expected some of 'amount', 'id', 'memo'."
+    )
+    pgevents.remove("public.ledger", "after_update", recorder)
+    pgevents.listen("public.ledgers", "after_insert", recorder)
+    result = app.test_cli_runner().invoke(pgevents_cli, ["install-triggers"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: Table 'public.ledgers' does not exist, so no trigger can be installed on it."
+        " Create it first (db.create_all() or a migration), or fix the handler's target.\n"
+    )
+    with app.app_context():
+        with pytest.raises(MissingTableError):
+            pgevents.install_triggers()
+    # Nothing was installed by the failed attempts.
+    assert _triggers(other_service) == []
