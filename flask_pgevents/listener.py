@@ -69,6 +69,12 @@ CONNECTION_ERRORS = _connection_errors()
 BUSY_EVENTS_PER_SECOND = 2000.0
 LINGER_SECONDS = 0.005
 LINGER_POLLS = 5
+#: Busy listeners poll at most this far apart: enough for batches of about
+#: LINGER_BATCH events, which cost one claim and one DELETE between them.
+MAX_LINGER_SECONDS = 0.02
+LINGER_BATCH = 100
+#: First recheck while writers that may have missed the idle flag are in flight.
+RECHECK_SECONDS = 0.001
 
 
 class RateMeter:
@@ -92,6 +98,10 @@ class RateMeter:
     def rate(self) -> float:
         elapsed = time.monotonic() - self._start
         return max(self._last_rate, self._count / max(elapsed, self.WINDOW))
+
+    def linger(self) -> float:
+        """How long a busy listener waits between polls at the current rate."""
+        return min(MAX_LINGER_SECONDS, max(LINGER_SECONDS, LINGER_BATCH / max(self.rate(), 1.0)))
 
     def busy(self) -> bool:
         return self.rate() >= BUSY_EVENTS_PER_SECOND
@@ -501,7 +511,7 @@ class Listener:
         rate = RateMeter()
         empty_polls = 0
         idle = False
-        recheck = LINGER_SECONDS
+        recheck = RECHECK_SECONDS
         while not self._stop.is_set():
             handled = dispatcher.run_batch(conn, self._stop) + dispatcher.run_broadcasts(conn)
             reconnect.reset()  # only a working claim proves the set-up right
@@ -514,19 +524,19 @@ class Listener:
                         conn.execute(set_idle, (False,))
                         idle = False
                     if handled < batch_size:
-                        self._wait(conn, LINGER_SECONDS)
+                        self._wait(conn, rate.linger())
                     continue
             else:
                 dispatcher.purge_if_due(conn)
                 if not idle and rate.busy() and empty_polls < LINGER_POLLS:
                     empty_polls += 1
-                    self._wait(conn, LINGER_SECONDS)
+                    self._wait(conn, rate.linger())
                     continue
             if not idle:
                 logger.debug("pgevents listener goes idle (%.0f events/s).", rate.rate())
                 conn.execute(set_idle, (True,))
                 idle = True
-                recheck = LINGER_SECONDS
+                recheck = RECHECK_SECONDS
                 continue  # claim again: what committed before writers could see the flag
             if handled:
                 continue
@@ -535,7 +545,7 @@ class Listener:
                 timeout = min(timeout, recheck)
                 recheck *= 2
             else:
-                recheck = LINGER_SECONDS
+                recheck = RECHECK_SECONDS
             if self._wait(conn, timeout):
                 # Woken for work: stop asking writers for NOTIFYs at once, or
                 # a burst of concurrent writers would all queue on NOTIFY's lock.
