@@ -375,3 +375,34 @@ def test_a_handler_that_forks_keeps_the_listener_running(make_app, other_service
     events = recorder.wait_for(2)
     assert [e.new["name"] for e in events] == ["a", "b"]
     assert any(t.name == "pgevents-listener" for t in threading.enumerate())
+
+
+def test_a_long_handler_keeps_its_event_while_other_processes_go_on(reliability_db, listeners, other_service):
+    slow = listeners.start(SLOW_SECONDS="300")
+    wait_until(lambda: len(listener_backends(other_service)) == 1)
+    other_service.execute("INSERT INTO item (id, name) VALUES (1, 'slow')")
+    wait_until(lambda: other_service.execute("SELECT count(*) FROM handled WHERE stage = 'started'").fetchone()[0])
+    fast = listeners.start()
+    wait_until(lambda: len(listener_backends(other_service)) == 2)
+    other_service.execute("INSERT INTO item (id, name) VALUES (2, 'x'), (3, 'y')")
+    handled = wait_until(lambda: len(handled_by(other_service)) == 2 and handled_by(other_service))
+    assert handled == {2: [fast.pid], 3: [fast.pid]}
+    # The slow event is still claimed by the slow process, never handed over.
+    assert slow.poll() is None
+    free = other_service.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM pgevents.event FOR UPDATE SKIP LOCKED) AS e"
+    ).fetchone()[0]
+    assert (free, other_service.execute("SELECT count(*) FROM pgevents.event").fetchone()[0]) == (0, 1)
+
+
+def test_passwords_in_the_dsn_never_reach_the_logs(make_app, caplog):
+    app, db, pgevents = make_app(
+        SQLALCHEMY_DATABASE_URI="postgresql+psycopg2://app:s3cret-pw@127.0.0.1:1/nowhere",
+        PGEVENTS_RECONNECT_BACKOFF=0.01,
+    )
+    pgevents.listen("public.thing", "after_insert", lambda event: None)
+    pgevents.init_app(app)
+    pgevents.start(app)
+    wait_until(lambda: caplog.text.count("lost its database connection") >= 2)
+    pgevents.stop(timeout=5, app=app)
+    assert "127.0.0.1" in caplog.text and "s3cret-pw" not in caplog.text
