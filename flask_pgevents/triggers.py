@@ -76,9 +76,10 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET IntervalStyle = postgres SET bytea_output = hex SET extra_float_digits = 1
 AS $pgevents$"""
 
-# Rows are stored as json, not jsonb: half the bytes per event (less WAL for
+# Rows are stored as json, not jsonb: fewer bytes per event (less WAL for
 # every write) and the values' exact text (a json column's 1e16 stays 1e16).
-# Updates compare jsonb, which has equality for every column type.
+# Updates compare that text: json has no equality operator, and the same
+# values always render the same text (output settings are pinned below).
 #
 # The bodies see the user's columns: "#variable_conflict use_variable" keeps a
 # column named like a PL/pgSQL variable (tg_table_name, ...) from making the
@@ -105,15 +106,14 @@ END
 BEGIN
     INSERT INTO {schema}.{target} (table_schema, table_name, op, old, new)
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', o.j, n.j
-    FROM (SELECT row_number() OVER () AS rn, to_jsonb(x.*) AS r, to_json(x.*) AS j
-          FROM pgevents_old AS x) AS o
-    JOIN (SELECT row_number() OVER () AS rn, to_jsonb(x.*) AS r, to_json(x.*) AS j
-          FROM pgevents_new AS x) AS n
+    FROM (SELECT row_number() OVER () AS rn, to_json(x.*) AS j FROM pgevents_old AS x) AS o
+    JOIN (SELECT row_number() OVER () AS rn, to_json(x.*) AS j FROM pgevents_new AS x) AS n
         USING (rn)
     WHERE CASE
-        WHEN TG_NARGS = 0 THEN o.r <> n.r
+        WHEN TG_NARGS = 0 THEN o.j::text <> n.j::text
         ELSE EXISTS (
-            SELECT FROM unnest(TG_ARGV) AS c(name) WHERE o.r -> c.name IS DISTINCT FROM n.r -> c.name
+            SELECT FROM unnest(TG_ARGV) AS c(name)
+            WHERE (o.j -> c.name)::text IS DISTINCT FROM (n.j -> c.name)::text
         )
     END
     ORDER BY rn;
