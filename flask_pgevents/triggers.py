@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS {schema}."event" (
     status text NOT NULL DEFAULT 'pending',
     attempt integer NOT NULL DEFAULT 0,
     run_after timestamptz,
-    done_handlers text[] NOT NULL DEFAULT '{{}}',
+    done_handlers text[],  -- NULL until a handler of a failed attempt succeeded: no bytes per row
     errors jsonb,
     handled_at timestamptz
 );
