@@ -107,11 +107,6 @@ class Connection:
             raise
         self.execute("COMMIT")
 
-    def backend_pid(self) -> int:
-        if self.driver == "psycopg":
-            return int(self.raw.info.backend_pid)
-        return int(self.raw.get_backend_pid())
-
     def take_notifications(self) -> int:
         """How many wake-ups arrived since the last call; does not block."""
         if self.driver == "psycopg":

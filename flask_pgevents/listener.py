@@ -383,7 +383,6 @@ class Listener:
         # open only while the loop runs, so idle apps hold no descriptors.
         self._wake: Optional[tuple[int, int]] = None
         self._pid = os.getpid()
-        self.connected = threading.Event()
         #: Set by the fork hooks: the listener ran when this process forked.
         self.resume_after_fork = False
         #: In a pre-fork master: not running here, but wanted in each child.
@@ -461,7 +460,6 @@ class Listener:
                 conn.execute("SET synchronous_commit = off")
                 # LISTEN before the catch-up read, so no event falls in between.
                 conn.execute(f"LISTEN {quote_ident(channel_for(state.config.schema))}")
-                self.connected.set()
                 logger.info("pgevents listener connected (pid %s).", os.getpid())
                 self._loop(conn, dispatcher, reconnect)
             except CONNECTION_ERRORS as exc:
@@ -476,7 +474,6 @@ class Listener:
                 self._log_failure(exc, delay)
                 self._stop.wait(delay)
             finally:
-                self.connected.clear()
                 if conn is not None:
                     conn.close()
 
@@ -570,7 +567,6 @@ class Listener:
         self._pid = os.getpid()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.connected = threading.Event()
 
 
 def process_pending(state: "AppState", timeout: Optional[float] = None) -> int:

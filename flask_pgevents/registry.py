@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import sqlalchemy as sa
 
@@ -334,9 +334,6 @@ class Registry:
     def handlers_for(self, table: TableKey, operation: str) -> tuple[Subscription, ...]:
         """The subscriptions for one table and operation, in registration order."""
         return self._by_key.get((table, operation), ())
-
-    def __iter__(self) -> Iterator[Subscription]:
-        return iter(list(self._subscriptions))
 
     def needed_triggers(self) -> dict[tuple[TableKey, str], Optional[frozenset[str]]]:
         """Which triggers the handlers need, with the update columns to watch.

@@ -17,9 +17,6 @@ from .registry import BROADCAST_PREFIX, OPERATIONS, TableKey, base_operation
 #: Every kind of trigger: queued delivery per operation, and broadcast.
 TRIGGER_KINDS = OPERATIONS + tuple(BROADCAST_PREFIX + op for op in OPERATIONS)
 
-#: Bump when the layout of the event table changes incompatibly.
-SCHEMA_VERSION = 1
-
 #: PostgreSQL truncates longer identifiers (NAMEDATALEN - 1).
 MAX_IDENTIFIER_BYTES = 63
 
