@@ -125,6 +125,12 @@ class Connection:
         ready, _, _ = select.select([self.raw], [], [], timeout)
         return bool(ready) and self.take_notifications() > 0
 
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     def close(self) -> None:
         try:
             self.raw.close()

@@ -387,24 +387,18 @@ class PGEvents:
         """
         state = self._state(app)
         needed = self.registry.needed_triggers()
-        conn = state.connect()
-        try:
+        with state.connect() as conn:
             state.triggers.check_tables(conn.cursor, needed)
             installed = state.triggers.installed(conn.cursor)
             statements = state.triggers.install_sql(needed, installed)
             conn.run_script(statements)
-        finally:
-            conn.close()
         return statements
 
     def install_sql(self, app: Optional[Flask] = None) -> list[str]:
         """The statements :meth:`install_triggers` would run, without running them."""
         state = self._state(app)
-        conn = state.connect()
-        try:
+        with state.connect() as conn:
             installed = state.triggers.installed(conn.cursor)
-        finally:
-            conn.close()
         return state.triggers.install_sql(self.registry.needed_triggers(), installed)
 
     def uninstall_triggers(self, app: Optional[Flask] = None, *, drop_schema: bool = False) -> int:
@@ -414,43 +408,31 @@ class PGEvents:
             Without it, pending events stay and are handled after a reinstall.
         """
         state = self._state(app)
-        conn = state.connect()
-        try:
+        with state.connect() as conn:
             installed = state.triggers.installed(conn.cursor)
             conn.run_script(state.triggers.uninstall_sql(installed, drop_schema=drop_schema))
-        finally:
-            conn.close()
         return len(installed)
 
     def failed_events(self, app: Optional[Flask] = None, *, limit: int = 50) -> list[dict[str, Any]]:
         """Events kept as failed after their last attempt, with each handler's error."""
         state = self._state(app)
-        conn = state.connect()
-        try:
+        with state.connect() as conn:
             return state.triggers.failed_events(conn.cursor, limit)
-        finally:
-            conn.close()
 
     def retry_failed(self, app: Optional[Flask] = None, event_ids: Optional[Sequence[int]] = None) -> int:
         """Queue failed events again (all of them when ``event_ids`` is None)."""
         state = self._state(app)
-        conn = state.connect()
-        try:
+        with state.connect() as conn:
             return state.triggers.retry_failed(conn.cursor, event_ids)
-        finally:
-            conn.close()
 
     def trigger_status(self, app: Optional[Flask] = None) -> tuple[list[TriggerStatus], Optional[Backlog]]:
         """Triggers per table and operation, and the backlog of the event table."""
         state = self._state(app)
-        conn = state.connect()
-        try:
+        with state.connect() as conn:
             return (
                 state.triggers.status(conn.cursor, self.registry.needed_triggers()),
                 state.triggers.backlog(conn.cursor),
             )
-        finally:
-            conn.close()
 
     def start(self, app: Optional[Flask] = None) -> None:
         """Start this process's listener thread for the app (idempotent)."""

@@ -574,13 +574,10 @@ def process_pending(state: "AppState", timeout: Optional[float] = None) -> int:
     deadline = None if timeout is None else time.monotonic() + timeout
     dispatcher = Dispatcher(state)
     total = 0
-    conn = Connection(state.url, application_name="pgevents-process-pending")
-    try:
+    with Connection(state.url, application_name="pgevents-process-pending") as conn:
         while deadline is None or time.monotonic() < deadline:
             count = dispatcher.run_batch(conn)
             if not count:
                 break
             total += count
-    finally:
-        conn.close()
     return total

@@ -94,6 +94,17 @@ def handled_by(conn: psycopg.Connection) -> dict[int, list[int]]:
 
 
 
+def start_slow_then_fast(listeners: Listeners, other_service: psycopg.Connection, insert: str) -> tuple[Any, Any]:
+    """A listener busy in a 300 s handler with what ``insert`` wrote, then a second one idle."""
+    slow = listeners.start(SLOW_SECONDS="300")
+    wait_until(lambda: len(listener_backends(other_service)) == 1)
+    other_service.execute(insert)
+    wait_until(lambda: other_service.execute("SELECT count(*) FROM handled WHERE stage = 'started'").fetchone()[0])
+    fast = listeners.start()
+    wait_until(lambda: len(listener_backends(other_service)) == 2)
+    return slow, fast
+
+
 def test_terminated_backend_is_replaced_and_next_event_handled_within_2s(make_app, other_service, recorder):
     app, db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", recorder)
@@ -164,12 +175,9 @@ def test_server_restart_mid_stream_loses_nothing(own_server, driver, make_app, r
 def test_events_of_a_killed_listener_are_handled_by_another_within_a_second(
     reliability_db, listeners, other_service
 ):
-    slow = listeners.start(SLOW_SECONDS="300")
-    wait_until(lambda: len(listener_backends(other_service)) == 1)
-    other_service.execute("INSERT INTO item (name) VALUES ('slow'), ('a'), ('b'), ('c')")
-    wait_until(lambda: other_service.execute("SELECT count(*) FROM handled WHERE stage = 'started'").fetchone()[0])
-    fast = listeners.start()
-    wait_until(lambda: len(listener_backends(other_service)) == 2)
+    slow, fast = start_slow_then_fast(
+        listeners, other_service, "INSERT INTO item (name) VALUES ('slow'), ('a'), ('b'), ('c')"
+    )
     assert handled_by(other_service) == {}  # the slow process holds all four
     os.kill(slow.pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -378,12 +386,7 @@ def test_a_handler_that_forks_keeps_the_listener_running(make_app, other_service
 
 
 def test_a_long_handler_keeps_its_event_while_other_processes_go_on(reliability_db, listeners, other_service):
-    slow = listeners.start(SLOW_SECONDS="300")
-    wait_until(lambda: len(listener_backends(other_service)) == 1)
-    other_service.execute("INSERT INTO item (id, name) VALUES (1, 'slow')")
-    wait_until(lambda: other_service.execute("SELECT count(*) FROM handled WHERE stage = 'started'").fetchone()[0])
-    fast = listeners.start()
-    wait_until(lambda: len(listener_backends(other_service)) == 2)
+    slow, fast = start_slow_then_fast(listeners, other_service, "INSERT INTO item (id, name) VALUES (1, 'slow')")
     other_service.execute("INSERT INTO item (id, name) VALUES (2, 'x'), (3, 'y')")
     handled = wait_until(lambda: len(handled_by(other_service)) == 2 and handled_by(other_service))
     assert handled == {2: [fast.pid], 3: [fast.pid]}
