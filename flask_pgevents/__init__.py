@@ -4,12 +4,14 @@ from __future__ import annotations
 from .errors import (
     AlreadyRegisteredError,
     ConfigurationError,
+    IdentifierTooLongError,
     InvalidHandlerError,
     MissingTableError,
     PGEventsError,
     UnknownColumnError,
     UnknownEventError,
     UnknownHandlerError,
+    UnknownRoleError,
     UnmappedTargetError,
 )
 from .events import Event
@@ -21,6 +23,7 @@ __all__ = [
     "AlreadyRegisteredError",
     "ConfigurationError",
     "Event",
+    "IdentifierTooLongError",
     "InvalidHandlerError",
     "MissingTableError",
     "PGEvents",
@@ -28,6 +31,7 @@ __all__ = [
     "UnknownColumnError",
     "UnknownEventError",
     "UnknownHandlerError",
+    "UnknownRoleError",
     "UnmappedTargetError",
     "__version__",
 ]

@@ -83,6 +83,22 @@ def install_triggers(print_sql: bool) -> None:
     click.echo(f"{len(needed)} trigger(s) installed in schema {state.config.schema!r}.")
 
 
+@pgevents_cli.command("grant-listener")
+@click.argument("role")
+@click.option("--sql", "print_sql", is_flag=True, help="Print the SQL instead of running it.")
+@with_appcontext
+@_database_errors
+def grant_listener(role: str, print_sql: bool) -> None:
+    """Grant ROLE exactly what a process that only listens needs."""
+    state = _state()
+    if print_sql:
+        for statement in state.extension.grant_listener_sql(role, current_app):
+            click.echo(statement.strip())
+        return
+    state.extension.grant_listener(role, current_app)
+    click.echo(f"Role {role!r} may now listen in schema {state.config.schema!r}, and do nothing more there.")
+
+
 @pgevents_cli.command("uninstall-triggers")
 @click.option("--drop-schema", is_flag=True, help="Also drop the event schema and every stored event.")
 @with_appcontext

@@ -22,6 +22,12 @@ KEEPALIVES = {
 }
 
 
+#: Set on every connection flask-pgevents opens, before its first query: no
+#: other schema's function or operator can stand in for a built-in one
+#: (CVE-2018-1058). Every object of the project is schema-qualified.
+SAFE_SEARCH_PATH = "SET search_path = pg_catalog, pg_temp"
+
+
 def parse_database_url(uri: "str | URL", source: str) -> URL:
     """Parse and check a database URI; only PostgreSQL is accepted.
 
@@ -87,6 +93,11 @@ class Connection:
             self.raw = psycopg2.connect(*cargs, **cparams)
             self.raw.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
         self.cursor = self.raw.cursor()
+        try:
+            self.execute(SAFE_SEARCH_PATH)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def closed(self) -> bool:

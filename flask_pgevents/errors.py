@@ -14,6 +14,10 @@ class UnmappedTargetError(PGEventsError, TypeError):
     """A target that is neither a mapped class, a Table, nor a table name."""
 
 
+class IdentifierTooLongError(PGEventsError, ValueError):
+    """A table or schema name that PostgreSQL would cut at 63 bytes."""
+
+
 class UnknownColumnError(PGEventsError, ValueError):
     """``columns=`` names a column the table does not have, or is misused."""
 
@@ -36,3 +40,7 @@ class AlreadyRegisteredError(PGEventsError, RuntimeError):
 
 class MissingTableError(PGEventsError, LookupError):
     """A handler's table does not exist when triggers are installed."""
+
+
+class UnknownRoleError(PGEventsError, LookupError):
+    """``grant-listener`` was given a role that does not exist."""

@@ -1,6 +1,6 @@
 """The Event handed to handlers, and decoding stored rows into typed values.
 
-Rows are stored as ``jsonb`` by the capture triggers. Decoding turns each
+Rows are stored as ``json`` by the capture triggers. Decoding turns each
 JSON value back into what SQLAlchemy gives for the column's type when it
 loads the row: ``datetime``, ``Decimal``, ``UUID``, enum members, ...
 """
@@ -137,10 +137,16 @@ def _array(element: Optional[Converter]) -> Converter:
     return convert
 
 
-def converter_for(type_: sa.types.TypeEngine, dialect: sa.engine.Dialect) -> Optional[Converter]:
+def converter_for(
+    type_: sa.types.TypeEngine, dialect: sa.engine.Dialect, *, unpickle: bool = False
+) -> Optional[Converter]:
     """A function turning a JSON value of this column type into its Python value.
 
     ``None`` means the JSON value is already right (text, integers, booleans).
+
+    :param unpickle: load ``PickleType`` values. Unpickling runs code chosen
+        by whoever wrote the row, so without it they arrive as the pickled
+        ``bytes``.
     """
     # Before TypeDecorator: sa.Interval is one, emulating the native INTERVAL
     # that PostgreSQL stores and SQLAlchemy loads as a timedelta.
@@ -148,11 +154,13 @@ def converter_for(type_: sa.types.TypeEngine, dialect: sa.engine.Dialect) -> Opt
         return _to_interval
     if isinstance(type_, sa.PickleType):
         # The one built-in decorator that loads in result_processor, not in
-        # process_result_value: unpickle the stored bytes here.
+        # process_result_value: unpickle the stored bytes here, if trusted.
+        if not unpickle:
+            return _to_bytes
         loads = type_.pickler.loads
         return lambda value: loads(_to_bytes(value))
     if isinstance(type_, sa.types.TypeDecorator):
-        inner = converter_for(type_.impl_instance, dialect)
+        inner = converter_for(type_.impl_instance, dialect, unpickle=unpickle)
         if type(type_).process_result_value is sa.types.TypeDecorator.process_result_value:
             # Only binds are decorated: values load as the impl's.
             return inner
@@ -165,7 +173,7 @@ def converter_for(type_: sa.types.TypeEngine, dialect: sa.engine.Dialect) -> Opt
     if isinstance(type_, sa.Enum):
         return type_.result_processor(dialect, None)
     if isinstance(type_, sa.ARRAY):
-        return _array(converter_for(type_.item_type, dialect))
+        return _array(converter_for(type_.item_type, dialect, unpickle=unpickle))
     if isinstance(type_, sa.JSON):
         return _json_floats
     if isinstance(type_, sa.DateTime):
@@ -185,14 +193,23 @@ def converter_for(type_: sa.types.TypeEngine, dialect: sa.engine.Dialect) -> Opt
     return None
 
 
-class RowDecoder:
-    """Decodes stored rows of one table, with a converter per column."""
+#: ``Column(..., info={UNPICKLE_INFO: True})`` trusts one column's pickles.
+UNPICKLE_INFO = "pgevents_unpickle"
 
-    def __init__(self, table: Optional[sa.Table], dialect: sa.engine.Dialect) -> None:
+
+class RowDecoder:
+    """Decodes stored rows of one table, with a converter per column.
+
+    :param unpickle: load every ``PickleType`` column; without it, only
+        columns whose ``info`` has ``"pgevents_unpickle": True``.
+    """
+
+    def __init__(self, table: Optional[sa.Table], dialect: sa.engine.Dialect, *, unpickle: bool = False) -> None:
         self.converters: dict[str, Converter] = {}
         if table is not None:
             for column in table.columns:
-                convert = converter_for(column.type, dialect)
+                trusted = unpickle or bool(column.info.get(UNPICKLE_INFO, False))
+                convert = converter_for(column.type, dialect, unpickle=trusted)
                 if convert is not None:
                     self.converters[column.name] = convert
 

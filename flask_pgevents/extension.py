@@ -14,7 +14,7 @@ from flask import Flask, current_app, has_app_context, request_started
 from sqlalchemy.engine import URL
 
 from . import listener as listener_module
-from .connection import Connection, parse_database_url
+from .connection import SAFE_SEARCH_PATH, Connection, parse_database_url
 from .errors import AlreadyRegisteredError, ConfigurationError
 from .events import RowDecoder
 from .registry import Handler, Registry, TableKey, Target
@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "PGEVENTS_SCHEMA": "pgevents",
     "PGEVENTS_AUTOSTART": True,
     "PGEVENTS_BATCH_SIZE": 500,
+    "PGEVENTS_BATCH_BYTES": 32 * 1024 * 1024,
     "PGEVENTS_POLL_INTERVAL": 0.5,
     "PGEVENTS_MAX_ATTEMPTS": 5,
     "PGEVENTS_RETRY_BACKOFF": 1.0,
@@ -37,7 +38,10 @@ DEFAULTS: dict[str, Any] = {
     "PGEVENTS_RECONNECT_BACKOFF": 0.1,
     "PGEVENTS_RECONNECT_BACKOFF_MAX": 10.0,
     "PGEVENTS_RETENTION": 0.0,
+    "PGEVENTS_FAILED_RETENTION": 0.0,
     "PGEVENTS_STOP_TIMEOUT": 10.0,
+    "PGEVENTS_CAPTURE_ROLE": None,
+    "PGEVENTS_UNPICKLE": False,
 }
 
 
@@ -48,6 +52,7 @@ class Config:
     schema: str
     autostart: bool
     batch_size: int
+    batch_bytes: int
     poll_interval: float
     max_attempts: int
     retry_backoff: float
@@ -55,7 +60,10 @@ class Config:
     reconnect_backoff: float
     reconnect_backoff_max: float
     retention: float
+    failed_retention: float
     stop_timeout: float
+    capture_role: Optional[str]
+    unpickle: bool
 
     @classmethod
     def from_app(cls, app: Flask) -> "Config":
@@ -103,10 +111,20 @@ class Config:
                 f"PGEVENTS_SCHEMA must be a non-empty schema name without '$', got"
                 f" {schema!r}. Remove it to use the default 'pgevents'."
             )
+        capture_role = get("PGEVENTS_CAPTURE_ROLE")
+        if capture_role is not None and (
+            not isinstance(capture_role, str) or not capture_role or "\x00" in capture_role
+            or len(capture_role.encode()) > 63
+        ):
+            raise ConfigurationError(
+                f"PGEVENTS_CAPTURE_ROLE must be a role name of 1 to 63 bytes, got"
+                f" {capture_role!r}. Remove it to use '<PGEVENTS_SCHEMA>_capture'."
+            )
         return cls(
             schema=schema,
             autostart=flag("PGEVENTS_AUTOSTART"),
             batch_size=positive("PGEVENTS_BATCH_SIZE", int, 1),
+            batch_bytes=positive("PGEVENTS_BATCH_BYTES", int, 1),
             poll_interval=positive("PGEVENTS_POLL_INTERVAL", float, 0.01),
             max_attempts=positive("PGEVENTS_MAX_ATTEMPTS", int, 1),
             retry_backoff=positive("PGEVENTS_RETRY_BACKOFF", float, 0),
@@ -114,7 +132,10 @@ class Config:
             reconnect_backoff=positive("PGEVENTS_RECONNECT_BACKOFF", float, 0.001),
             reconnect_backoff_max=positive("PGEVENTS_RECONNECT_BACKOFF_MAX", float, 0.001),
             retention=positive("PGEVENTS_RETENTION", float, 0),
+            failed_retention=positive("PGEVENTS_FAILED_RETENTION", float, 0),
             stop_timeout=positive("PGEVENTS_STOP_TIMEOUT", float, 0),
+            capture_role=capture_role,
+            unpickle=flag("PGEVENTS_UNPICKLE"),
         )
 
 
@@ -137,7 +158,7 @@ class AppState:
         self.url = url
         self.db = db
         self.config = Config.from_app(app)
-        self.triggers = TriggerManager(self.config.schema)
+        self.triggers = TriggerManager(self.config.schema, self.config.capture_role)
         self.dialect = url.get_dialect()()
         self._tables: dict[TableKey, TableInfo] = {}
         self._tables_lock = threading.Lock()
@@ -188,10 +209,11 @@ class AppState:
             table = sa.inspect(model).local_table
         if table is None:
             table = self._reflect(key)
-        return TableInfo(model, table, RowDecoder(table, self.dialect))
+        return TableInfo(model, table, RowDecoder(table, self.dialect, unpickle=self.config.unpickle))
 
     def _reflect(self, key: TableKey) -> Optional[sa.Table]:
         engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
+        sa.event.listen(engine, "connect", _safe_search_path, insert=True)
         try:
             return sa.Table(key.name, sa.MetaData(), schema=key.schema, autoload_with=engine)
         except sa.exc.SQLAlchemyError:
@@ -199,6 +221,15 @@ class AppState:
             return None
         finally:
             engine.dispose()
+
+
+def _safe_search_path(dbapi_connection: Any, connection_record: Any) -> None:
+    # Before SQLAlchemy's own first queries on the connection.
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(SAFE_SEARCH_PATH)
+    dbapi_connection.autocommit = autocommit
 
 
 def _find_model(db: Any, key: TableKey) -> Optional[type]:
@@ -389,8 +420,7 @@ class PGEvents:
         needed = self.registry.needed_triggers()
         with state.connect() as conn:
             state.triggers.check_tables(conn.cursor, needed)
-            installed = state.triggers.installed(conn.cursor)
-            statements = state.triggers.install_sql(needed, installed)
+            statements = self._install_statements(state, conn)
             conn.run_script(statements)
         return statements
 
@@ -398,8 +428,37 @@ class PGEvents:
         """The statements :meth:`install_triggers` would run, without running them."""
         state = self._state(app)
         with state.connect() as conn:
-            installed = state.triggers.installed(conn.cursor)
-        return state.triggers.install_sql(self.registry.needed_triggers(), installed)
+            return self._install_statements(state, conn)
+
+    def _install_statements(self, state: AppState, conn: Connection) -> list[str]:
+        owner = state.triggers.capture_owner(conn.cursor)
+        for warning in owner.warnings:
+            logger.warning("%s", warning)
+        installed = state.triggers.installed(conn.cursor)
+        return state.triggers.install_sql(self.registry.needed_triggers(), installed, owner)
+
+    def grant_listener(self, role: str, app: Optional[Flask] = None) -> list[str]:
+        """Grant ``role`` exactly what a process that only listens needs; return the SQL.
+
+        Its earlier privileges on the event tables are revoked first.
+
+        :raises UnknownRoleError: if the role does not exist.
+        :raises MissingTableError: if the triggers were never installed.
+        """
+        state = self._state(app)
+        with state.connect() as conn:
+            statements = self._grant_statements(state, conn, role)
+            conn.run_script(statements)
+        return statements
+
+    def grant_listener_sql(self, role: str, app: Optional[Flask] = None) -> list[str]:
+        """The statements :meth:`grant_listener` would run, without running them."""
+        state = self._state(app)
+        with state.connect() as conn:
+            return self._grant_statements(state, conn, role)
+
+    def _grant_statements(self, state: AppState, conn: Connection, role: str) -> list[str]:
+        return state.triggers.listener_grants_sql(conn.cursor, role, broadcast=self.registry.has_broadcast())
 
     def uninstall_triggers(self, app: Optional[Flask] = None, *, drop_schema: bool = False) -> int:
         """Drop every capture trigger; return how many there were (idempotent).

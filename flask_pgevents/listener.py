@@ -28,8 +28,8 @@ from .triggers import (
     PURGE_BROADCAST,
     READ_BROADCAST,
     DELETE_HANDLED,
-    LISTENER_GRANTS,
     MARK_HANDLED,
+    PURGE_FAILED,
     PURGE_HANDLED,
     RECORD_FAILURE,
     REGISTER_LISTENER,
@@ -116,10 +116,27 @@ MAX_BATCH_SECONDS = 1.0
 
 #: The name under which a row that cannot be decoded is recorded as failed.
 DECODE_STEP = "<decoding the row>"
+#: The name under which an event is recorded whose batch could not be settled.
+SETTLE_STEP = "<settling the event>"
+#: The name under which a handler's error is recorded when its own record could not be.
+RECORD_STEP = "<recording the failure>"
+
+
+def storable(text: str) -> str:
+    """``text`` without what jsonb refuses: NUL characters, and lone surrogates
+    (escaped as ``\\udxxx``)."""
+    return text.replace("\x00", "").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _error_record(exc: BaseException) -> dict[str, str]:
-    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    return {
+        "error": storable(f"{type(exc).__name__}: {exc}"),
+        "traceback": storable(traceback.format_exc()),
+    }
+
+
+def _errors_json(errors: dict[str, dict[str, str]]) -> str:
+    return json.dumps({storable(step): record for step, record in errors.items()})
 
 
 def sqlstate(exc: BaseException) -> Optional[str]:
@@ -165,6 +182,11 @@ class Dispatcher:
         self.mark_sql = MARK_HANDLED.format(schema=schema)
         self.purge_sql = PURGE_HANDLED.format(schema=schema)
         self.failure_sql = RECORD_FAILURE.format(schema=schema)
+        self.purge_failed_sql = PURGE_FAILED.format(schema=schema)
+        #: Events left to claim one by one, after a batch that could not be settled.
+        self.isolating = 0
+        #: The listener's role may purge broadcast rows (assumed until refused).
+        self.may_purge_broadcast = True
         #: Monotonic time at which a retried event becomes due, if any.
         self.next_retry_at: Optional[float] = None
         #: Transactions in progress at the last claim's snapshot.
@@ -183,11 +205,20 @@ class Dispatcher:
 
         Also sets :attr:`in_flight`: how many transactions were in progress
         when the claim looked, any of which may still commit new events.
+
+        A batch that cannot be settled (a database error in the middle of
+        it) is rolled back and its events are claimed again one by one: the
+        one that fails alone is counted as a failed attempt, so that it ends
+        up in ``failed`` instead of stalling the queue.
         """
+        config = self.state.config
         keys = [subscription_key(table, op) for table, op in self.state.registry.subscribed()]
+        rows: list[Any] = []
         conn.execute("BEGIN")
         try:
-            result = conn.execute(self.claim_sql, (keys, self.state.config.batch_size)).fetchall()
+            result = conn.execute(
+                self.claim_sql, (keys, 1 if self.isolating else config.batch_size, config.batch_bytes)
+            ).fetchall()
             self.in_flight = result[0][0]
             rows = [row[1:] for row in result if row[1] is not None]
             if not rows:
@@ -196,15 +227,42 @@ class Dispatcher:
             handled, failures = self._dispatch(rows, stop)
             self._settle(conn, handled, failures)
             conn.execute("COMMIT")
-        except BaseException:
-            if not conn.closed:
-                try:
-                    conn.execute("ROLLBACK")
-                except CONNECTION_ERRORS:
-                    pass
+        except CONNECTION_ERRORS:
+            self._rollback(conn)
             raise
+        except Exception as exc:
+            self._rollback(conn)
+            if not rows:
+                raise
+            return self._unsettled(conn, rows, exc, stop)
+        except BaseException:
+            self._rollback(conn)
+            raise
+        self.isolating = max(0, self.isolating - len(rows))
         self._settled_since_vacuum += len(handled) + len(failures)
         return len(handled) + len(failures)
+
+    @staticmethod
+    def _rollback(conn: Connection) -> None:
+        if not conn.closed:
+            try:
+                conn.execute("ROLLBACK")
+            except CONNECTION_ERRORS:
+                pass
+
+    def _unsettled(self, conn: Connection, rows: list[Any], exc: Exception, stop: Optional[threading.Event]) -> int:
+        if len(rows) > 1:
+            logger.exception(
+                "A batch of %s events could not be settled; claiming them one by one to find"
+                " the one that fails.", len(rows),
+            )
+            self.isolating = len(rows)
+            return self.run_batch(conn, stop)
+        event_id, _schema, _table, _op, _old, _new, _created_at, attempt, done = rows[0]
+        logger.exception("Event %s could not be settled; it is retried like a failed handler.", event_id)
+        self.isolating = max(0, self.isolating - 1)
+        self._record_failure(conn, event_id, attempt + 1, sorted(done or ()), {SETTLE_STEP: _error_record(exc)})
+        return 1
 
     def start_broadcasts(self, conn: Connection) -> None:
         """Read broadcast changes from now on: those committed from this moment."""
@@ -216,7 +274,8 @@ class Dispatcher:
         if not state.registry.has_broadcast():
             return 0
         rows = conn.execute(
-            self.read_broadcast_sql, (*self.broadcast_position, state.config.batch_size)
+            self.read_broadcast_sql,
+            (*self.broadcast_position, state.config.batch_size, state.config.batch_bytes),
         ).fetchall()
         if not rows:
             return 0
@@ -313,31 +372,63 @@ class Dispatcher:
             else:
                 conn.execute(self.delete_sql, (handled,))
         for event_id, attempt, done, errors in failures:
-            if attempt >= config.max_attempts:
-                status, delay = "failed", 0.0
-                logger.error(
-                    "Event %s failed %s times and is kept as failed; retry it with"
-                    " 'flask pgevents retry %s'.", event_id, attempt, event_id,
-                )
-            else:
-                status, delay = "pending", retry_delay(self.state, attempt)
-                due = time.monotonic() + delay
-                self.next_retry_at = min(self.next_retry_at or due, due)
-            conn.execute(self.failure_sql, (attempt, done, json.dumps(errors), status, delay, event_id))
+            # Under a savepoint: a record the database refuses must not roll
+            # back the batch, or its other events would run again and again.
+            conn.execute("SAVEPOINT pgevents_failure")
+            try:
+                self._record_failure(conn, event_id, attempt, done, errors)
+            except CONNECTION_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded in a form that always stores
+                conn.execute("ROLLBACK TO SAVEPOINT pgevents_failure")
+                logger.exception("The failure of event %s could not be recorded as it was.", event_id)
+                record = {"error": f"{type(exc).__name__}: the handlers' errors could not be stored", "traceback": ""}
+                self._record_failure(conn, event_id, attempt, done, {RECORD_STEP: record, **{
+                    storable(step): {"error": "(not stored)", "traceback": ""} for step in errors
+                }})
+            conn.execute("RELEASE SAVEPOINT pgevents_failure")
+
+    def _record_failure(
+        self, conn: Connection, event_id: int, attempt: int, done: list[str], errors: dict[str, dict[str, str]]
+    ) -> None:
+        """Count a failed attempt: retried after a backoff, or kept as failed after the last."""
+        if attempt >= self.state.config.max_attempts:
+            status, delay = "failed", 0.0
+            logger.error(
+                "Event %s failed %s times and is kept as failed; retry it with"
+                " 'flask pgevents retry %s'.", event_id, attempt, event_id,
+            )
+        else:
+            status, delay = "pending", retry_delay(self.state, attempt)
+            due = time.monotonic() + delay
+            self.next_retry_at = min(self.next_retry_at or due, due)
+        conn.execute(self.failure_sql, {
+            "attempt": attempt, "done": done, "errors": _errors_json(errors),
+            "status": status, "delay": delay, "id": event_id,
+        })
 
     def purge_if_due(self, conn: Connection) -> None:
-        """Remove handled events older than the retention, and old broadcasts.
+        """Remove handled and failed events older than their retention, and old broadcasts.
 
         At most once a minute (or once per retention period, if shorter).
+        Broadcast rows are purged by every listener whose role may, whether
+        or not it has broadcast handlers itself.
         """
-        retention = self.state.config.retention
-        period = min(60.0, retention) if retention > 0 else 60.0
-        if time.monotonic() - self._last_purge < period:
+        config = self.state.config
+        periods = [r for r in (config.retention, config.failed_retention) if r > 0]
+        if time.monotonic() - self._last_purge < min([60.0, *periods]):
             return
-        if retention > 0:
-            conn.execute(self.purge_sql, (retention,))
-        if self.state.registry.has_broadcast():
-            conn.execute(self.purge_broadcast_sql, (BROADCAST_RETENTION_SECONDS,))
+        if config.retention > 0:
+            conn.execute(self.purge_sql, (config.retention,))
+        if config.failed_retention > 0:
+            conn.execute(self.purge_failed_sql, (config.failed_retention,))
+        if self.may_purge_broadcast:
+            try:
+                conn.execute(self.purge_broadcast_sql, (BROADCAST_RETENTION_SECONDS,))
+            except Exception as exc:
+                if sqlstate(exc) != "42501":  # insufficient_privilege: another app's business
+                    raise
+                self.may_purge_broadcast = False
         self._last_purge = time.monotonic()
 
     def vacuum_if_due(self, conn: Connection) -> None:
@@ -487,9 +578,9 @@ class Listener:
             )
         elif code == "42501":  # insufficient_privilege
             logger.error(
-                "The listener's role may not use the event schema (%s). Grant it: %s"
-                " Retrying in %.2f s.", str(exc).strip(),
-                LISTENER_GRANTS.format(schema=quote_ident(schema), role="<role>"), delay,
+                "The listener's role may not use the event schema (%s). Grant it what it"
+                " needs with 'flask pgevents grant-listener ROLE'. Retrying in %.2f s.",
+                str(exc).strip(), delay,
             )
         else:
             logger.exception("pgevents listener error; restarting in %.2f s.", delay)

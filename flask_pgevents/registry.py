@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import sqlalchemy as sa
 
 from .errors import (
+    IdentifierTooLongError,
     InvalidHandlerError,
     UnknownColumnError,
     UnknownEventError,
@@ -89,11 +90,31 @@ def _event_names(identifier: Any) -> str:
     return ", ".join(repr(name) for name in names)
 
 
+#: PostgreSQL cuts longer identifiers (NAMEDATALEN - 1).
+MAX_IDENTIFIER_BYTES = 63
+
+
 def resolve_target(target: Target) -> tuple[TableKey, Optional[type], Optional[sa.Table]]:
     """Resolve a mapped class, a Table or ``"schema.table"`` into the table it names.
 
     :raises UnmappedTargetError: for anything else.
+    :raises IdentifierTooLongError: for a name PostgreSQL would cut.
     """
+    resolved = _resolve_target(target)
+    table = resolved[0]
+    for what, name in (("schema", table.schema), ("table", table.name)):
+        if len(name.encode()) > MAX_IDENTIFIER_BYTES:
+            raise IdentifierTooLongError(
+                f"The {what} name {name!r} of {_describe(target)!r} is"
+                f" {len(name.encode())} bytes long, but PostgreSQL cuts names at"
+                f" {MAX_IDENTIFIER_BYTES} bytes, so its triggers would report another"
+                f" name and no event would reach the handler. Rename the {what} to at"
+                f" most {MAX_IDENTIFIER_BYTES} bytes."
+            )
+    return resolved
+
+
+def _resolve_target(target: Target) -> tuple[TableKey, Optional[type], Optional[sa.Table]]:
     if isinstance(target, str):
         schema, dot, name = target.rpartition(".")
         if not name or (dot and not schema):

@@ -439,7 +439,7 @@ def test_type_decorators_load_as_sqlalchemy_loads_them(make_app, other_service, 
         at = sa.Column(UtcDateTime)
         price = sa.Column(Cents)
         span = sa.Column(sa.Interval(second_precision=3))
-        pickled = sa.Column(sa.PickleType)
+        pickled = sa.Column(sa.PickleType, info={"pgevents_unpickle": True})  # trusted: opted in
 
     pgevents.init_app(app)
     pgevents.listen(Decorated, "after_insert", recorder)
