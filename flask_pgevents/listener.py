@@ -185,6 +185,8 @@ class Dispatcher:
         self.purge_failed_sql = PURGE_FAILED.format(schema=schema)
         #: Events left to claim one by one, after a batch that could not be settled.
         self.isolating = 0
+        #: Bytes per event seen lately, which sizes the claim's LIMIT.
+        self.bytes_per_event = 0.0
         #: The listener's role may purge broadcast rows (assumed until refused).
         self.may_purge_broadcast = True
         #: Monotonic time at which a retried event becomes due, if any.
@@ -216,14 +218,13 @@ class Dispatcher:
         rows: list[Any] = []
         conn.execute("BEGIN")
         try:
-            result = conn.execute(
-                self.claim_sql, (keys, 1 if self.isolating else config.batch_size, config.batch_bytes)
-            ).fetchall()
+            result = conn.execute(self.claim_sql, (keys, self._claim_limit(), config.batch_bytes)).fetchall()
             self.in_flight = result[0][0]
-            rows = [row[1:] for row in result if row[1] is not None]
+            rows = [row[1:-1] for row in result if row[1] is not None]
             if not rows:
                 conn.execute("COMMIT")
                 return 0
+            self._measure([row[-1] for row in result])
             handled, failures = self._dispatch(rows, stop)
             self._settle(conn, handled, failures)
             conn.execute("COMMIT")
@@ -241,6 +242,18 @@ class Dispatcher:
         self.isolating = max(0, self.isolating - len(rows))
         self._settled_since_vacuum += len(handled) + len(failures)
         return len(handled) + len(failures)
+
+    def _measure(self, sizes: list[int]) -> None:
+        average = sum(sizes) / len(sizes)
+        self.bytes_per_event = average if not self.bytes_per_event else (self.bytes_per_event + average) / 2
+
+    def _claim_limit(self) -> int:
+        if self.isolating:
+            return 1
+        config = self.state.config
+        if self.bytes_per_event <= 0:
+            return config.batch_size
+        return max(1, min(config.batch_size, int(config.batch_bytes / self.bytes_per_event)))
 
     @staticmethod
     def _rollback(conn: Connection) -> None:

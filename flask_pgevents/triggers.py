@@ -256,7 +256,9 @@ FROM {schema}."event"
 #
 # A claim is bounded by rows and by bytes: rows past PGEVENTS_BATCH_BYTES are
 # not sent (at least one always is) and are released when the batch commits.
-# Rows written before events had a size count their stored size.
+# The listener sizes its LIMIT from the bytes per row it has seen, so that
+# it rarely locks rows it will not send. Rows written before events had a
+# size count their stored size.
 CLAIM_BATCH = """
 WITH claimed AS (
     SELECT id, table_schema, table_name, op, old, new, created_at, attempt, done_handlers,
@@ -273,7 +275,7 @@ WITH claimed AS (
 )
 SELECT (SELECT count(*) FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot())),
        m.id, m.table_schema, m.table_name, m.op, m.old::text, m.new::text, m.created_at,
-       m.attempt, m.done_handlers
+       m.attempt, m.done_handlers, m.size
 FROM (SELECT) AS snapshot LEFT JOIN measured AS m ON m.bytes_before < %s
 ORDER BY m.id
 """

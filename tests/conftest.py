@@ -66,6 +66,31 @@ def other_service(libpq_url: str) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+_roles = itertools.count()
+
+
+@pytest.fixture
+def make_role(libpq_url: str, other_service: psycopg.Connection) -> Iterator[Callable[..., str]]:
+    """Create login roles (trust auth on the embedded server); dropped after the test."""
+    created: list[str] = []
+
+    def create(*privileges: str) -> str:
+        name = f"pgevents_role_{other_service.info.backend_pid}_{next(_roles)}"
+        other_service.execute(f'CREATE ROLE "{name}" LOGIN {" ".join(privileges)}')
+        created.append(name)
+        return name
+
+    yield create
+    for name in created:
+        other_service.execute(f'DROP OWNED BY "{name}" CASCADE')
+        other_service.execute(f'DROP ROLE "{name}"')
+
+
+def role_url(url: str, role: str) -> str:
+    """``url`` with another user name."""
+    return make_url(url).set(username=role).render_as_string(hide_password=False)
+
+
 @pytest.fixture
 def make_app(database_url: str) -> Iterator[Callable[..., tuple[Flask, SQLAlchemy, PGEvents]]]:
     """Build an app with Flask-SQLAlchemy and PGEvents; stops listeners afterwards."""

@@ -1,0 +1,320 @@
+"""Security: what an untrusted role, row or error can do through flask-pgevents.
+
+Each test reproduces an attack or a failure found in review and shows that it
+no longer works: the capture functions cannot be borrowed, casts run with no
+power, no hostile operator is ever called, no error record stalls the queue,
+no captured pickle is loaded, a batch is bounded by bytes, and odd names work.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from conftest import Recorder, role_url, thing_app, wait_until
+from flask_pgevents import IdentifierTooLongError
+from flask_pgevents.cli import pgevents_cli
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _count(conn: psycopg.Connection, query: str, *params: Any) -> Any:
+    return conn.execute(query, params).fetchone()[0]
+
+
+# The capture functions --------------------------------------------------------
+
+
+def test_a_listener_role_cannot_attach_the_capture_functions_to_its_own_temp_table(
+    make_app, make_role, database_url, other_service
+):
+    # The review's attack: a temp table whose column type has a pg_temp cast
+    # to json, captured by the SECURITY DEFINER function, runs the cast as
+    # the function's owner.
+    app, db, pgevents, Thing = thing_app(make_app)
+    pgevents.listen(Thing, "after_insert", Recorder())
+    with app.app_context():
+        pgevents.install_triggers()
+    attacker = make_role()
+    assert app.test_cli_runner().invoke(pgevents_cli, ["grant-listener", attacker]).exit_code == 0
+    other_service.execute("CREATE TABLE secret (value text); INSERT INTO secret VALUES ('s3cret')")
+    with psycopg.connect(_libpq(role_url(database_url, attacker)), autocommit=True) as conn:
+        conn.execute("CREATE TYPE pg_temp.mood AS ENUM ('sad')")
+        conn.execute(f"""
+            CREATE FUNCTION pg_temp.mood_json(pg_temp.mood) RETURNS json LANGUAGE plpgsql AS $$
+            BEGIN
+                EXECUTE 'GRANT SELECT ON public.secret TO "{attacker}"';
+                EXECUTE 'ALTER ROLE "{attacker}" SUPERUSER';
+                RETURN '"pwned"';
+            END $$""")
+        conn.execute("CREATE CAST (pg_temp.mood AS json) WITH FUNCTION pg_temp.mood_json(pg_temp.mood)")
+        conn.execute("CREATE TEMP TABLE bait (m pg_temp.mood)")
+        for function in ("capture_insert", "capture_broadcast_insert"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for function"):
+                conn.execute(
+                    f"CREATE TRIGGER bait AFTER INSERT ON bait REFERENCING NEW TABLE AS pgevents_new"
+                    f" FOR EACH STATEMENT EXECUTE FUNCTION pgevents.{function}()"
+                )
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM public.secret")
+    assert _count(other_service, "SELECT count(*) FROM pg_roles WHERE rolname = %s AND rolsuper", attacker) == 0
+
+
+def test_a_watched_tables_owner_gains_nothing_through_a_cast(make_app, make_role, database_url, other_service):
+    # Defence in depth: a role that owns a watched table can make the capture
+    # function run its cast, but the function's owner may only write events.
+    alice = make_role()
+    other_service.execute(f'GRANT CREATE ON SCHEMA public TO "{alice}"')
+    other_service.execute("CREATE TABLE secret (value text); INSERT INTO secret VALUES ('s3cret')")
+    with psycopg.connect(_libpq(role_url(database_url, alice)), autocommit=True) as conn:
+        conn.execute("CREATE TABLE diary (id serial PRIMARY KEY, note text)")
+    app, db, pgevents = make_app()
+    pgevents.listen("public.diary", "after_insert", Recorder())
+    pgevents.init_app(app)
+    with app.app_context():
+        pgevents.install_triggers()  # as a superuser, the worst case
+    with psycopg.connect(_libpq(role_url(database_url, alice)), autocommit=True) as conn:
+        conn.execute("CREATE TYPE mood AS ENUM ('sad')")
+        conn.execute(f"""
+            CREATE FUNCTION mood_json(mood) RETURNS json LANGUAGE plpgsql AS $$
+            BEGIN
+                BEGIN EXECUTE 'ALTER ROLE "{alice}" SUPERUSER'; EXCEPTION WHEN OTHERS THEN NULL; END;
+                BEGIN EXECUTE 'GRANT SELECT ON public.secret TO "{alice}"'; EXCEPTION WHEN OTHERS THEN NULL; END;
+                RETURN pg_catalog.to_json(current_user::text);
+            END $$""")
+        conn.execute("CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood)")
+        conn.execute("ALTER TABLE diary ADD COLUMN m mood")
+        conn.execute("INSERT INTO diary (note, m) VALUES ('hello', 'sad')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM public.secret")
+    assert _count(other_service, "SELECT count(*) FROM pg_roles WHERE rolname = %s AND rolsuper", alice) == 0
+    # The cast ran as the NOLOGIN capture role, not as the superuser that installed.
+    assert _count(other_service, "SELECT new ->> 'm' FROM pgevents.event") == "pgevents_capture"
+
+
+# Connections ------------------------------------------------------------------
+
+
+def test_a_hostile_public_operator_is_never_called(make_app, make_role, other_service, caplog):
+    # CVE-2018-1058: an operator in public that matches better than the
+    # built-in one would run as the listener's role on every claim.
+    app, db, pgevents, Thing = thing_app(make_app)
+    recorder = Recorder()
+    pgevents.listen(Thing, ["after_insert", "after_update"], recorder)
+    pgevents.listen("public.thing", "after_delete", recorder)  # reflected: SQLAlchemy's own queries too
+    other_service.execute("CREATE TABLE hijacked (at timestamptz DEFAULT now()); GRANT INSERT ON hijacked TO PUBLIC")
+    other_service.execute("""
+        CREATE FUNCTION public.cat(integer, text) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO public.hijacked DEFAULT VALUES; RETURN $1::text || $2; END $$;
+        CREATE OPERATOR public.|| (LEFTARG = integer, RIGHTARG = text, FUNCTION = public.cat);
+    """)
+    assert _count(other_service, "SELECT length('ab') || ':'") is not None  # the trap works for others
+    assert _count(other_service, "SELECT count(*) FROM hijacked") == 1
+    other_service.execute("TRUNCATE hijacked")
+    runner = app.test_cli_runner()
+    assert runner.invoke(pgevents_cli, ["install-triggers"]).exit_code == 0
+    other_service.execute("INSERT INTO thing (name) VALUES ('a'), ('b')")
+    with app.app_context():
+        assert pgevents.process_pending() == 2
+    other_service.execute("UPDATE thing SET name = 'c' WHERE name = 'a'")
+    other_service.execute("DELETE FROM thing WHERE name = 'b'")
+    pgevents.start(app)
+    recorder.wait_for(4)
+    for args in (["status"], ["failed"], ["retry", "--all"]):
+        assert runner.invoke(pgevents_cli, args).exit_code == 0
+    assert pgevents.stop(timeout=10, app=app)
+    assert [e.op for e in recorder.events] == ["insert", "insert", "update", "delete"]
+    assert _count(other_service, "SELECT count(*) FROM hijacked") == 0
+
+
+# Failure records ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message", ["nul \x00 byte", "lone \ud800 surrogate"])
+def test_an_error_jsonb_refuses_is_stored_and_does_not_stall_the_batch(make_app, other_service, message):
+    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1)
+    calls: list[str] = []
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def fussy(event: Any) -> None:
+        calls.append(event.new["name"])
+        if event.new["name"] == "bad":
+            raise ValueError(message)
+
+    with app.app_context():
+        pgevents.install_triggers()
+        other_service.execute("INSERT INTO thing (name) VALUES ('before'), ('bad'), ('after')")
+        assert pgevents.process_pending() == 3
+        assert pgevents.process_pending() == 0
+        failed = pgevents.failed_events()
+    assert sorted(calls) == ["after", "bad", "before"]  # each once
+    assert len(failed) == 1
+    error = failed[0]["errors"][f"{fussy.__module__}.{fussy.__qualname__}"]["error"]
+    assert error.startswith("ValueError: ")
+    assert "\x00" not in error and ("byte" in error or "\\ud800" in error)
+    assert _count(other_service, "SELECT count(*) FROM pgevents.event WHERE status = 'pending'") == 0
+
+
+def test_an_event_whose_batch_cannot_be_settled_ends_up_failed_and_its_batch_mates_go_on(make_app, other_service):
+    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=2, PGEVENTS_RETRY_BACKOFF=0)
+    calls: list[str] = []
+    pgevents.listen(Thing, "after_insert", lambda event: calls.append(event.new["name"]))
+    with app.app_context():
+        pgevents.install_triggers()
+    # Something in the database refuses to settle one event: here a trigger.
+    other_service.execute("""
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'cannot settle %', OLD.id; END $$;
+        CREATE TRIGGER refuse BEFORE DELETE ON pgevents.event FOR EACH ROW
+        WHEN (OLD.new ->> 'name' = 'poison') EXECUTE FUNCTION refuse();
+    """)
+    other_service.execute("INSERT INTO thing (name) VALUES ('a'), ('poison'), ('b'), ('c')")
+    with app.app_context():
+        wait_until(lambda: pgevents.process_pending() == 0 and not _count(
+            other_service, "SELECT count(*) FROM pgevents.event WHERE status = 'pending'"
+        ))
+        failed = pgevents.failed_events()
+    assert [row["attempt"] for row in failed] == [2]
+    assert "cannot settle" in failed[0]["errors"]["<settling the event>"]["error"]
+    # The batch ran once whole, then one by one: the others ran at most twice.
+    assert {name: calls.count(name) for name in "abc"} == {"a": 2, "b": 2, "c": 2}
+    assert _count(other_service, "SELECT count(*) FROM pgevents.event") == 1
+
+
+# Rows ---------------------------------------------------------------------------
+
+
+class Boom:
+    """A pickle that, when loaded, creates a directory."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (os.mkdir, (self.path,))
+
+
+def test_a_captured_pickle_is_not_loaded_unless_trusted(make_app, other_service, tmp_path):
+    app, db, pgevents = make_app()
+
+    class Blob(db.Model):
+        __tablename__ = "blob"
+        id = sa.Column(sa.Integer, primary_key=True)
+        data = sa.Column(sa.PickleType)
+        trusted = sa.Column(sa.PickleType, info={"pgevents_unpickle": True})
+
+    recorder = Recorder()
+    pgevents.listen(Blob, "after_insert", recorder)
+    pgevents.init_app(app)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Boom(str(marker)))
+    with app.app_context():
+        db.create_all()
+        pgevents.install_triggers()
+        # A role with INSERT only writes bytes of its choosing.
+        other_service.execute("INSERT INTO blob (data, trusted) VALUES (%s, %s)", (payload, pickle.dumps({"k": 1})))
+        assert pgevents.process_pending() == 1
+    assert not marker.exists()
+    assert recorder.events[0].new["data"] == payload
+    assert recorder.events[0].new["trusted"] == {"k": 1}
+
+
+def test_a_claim_is_bounded_by_bytes(make_app, other_service):
+    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_BATCH_BYTES=1_000_000)
+    transactions: list[Any] = []
+    with psycopg.connect(other_service.info.dsn, autocommit=True) as observer:
+
+        @pgevents.listens_for(Thing, "after_insert")
+        def measure(event: Any) -> None:
+            # Which claiming transaction handles this event.
+            transactions.append(observer.execute(
+                "SELECT backend_xid FROM pg_stat_activity WHERE application_name = 'pgevents-process-pending'"
+            ).fetchone()[0])
+
+        with app.app_context():
+            pgevents.install_triggers()
+            # Eight rows of 300 kB of incompressible text.
+            other_service.execute(
+                "INSERT INTO thing (name) SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 8) AS r,"
+                " generate_series(1, 9400) AS i GROUP BY r"
+            )
+            assert pgevents.process_pending() == 8
+    batches = [transactions.count(xid) for xid in dict.fromkeys(transactions)]
+    # 1 MB holds 3 rows, plus the one that crosses it.
+    assert sum(batches) == 8 and max(batches) <= 4 and len(batches) >= 2, batches
+
+
+# Names --------------------------------------------------------------------------
+
+
+def test_a_table_name_postgresql_would_cut_is_refused_at_registration(make_app):
+    app, db, pgevents = make_app()
+    name = "t" * 64
+    with pytest.raises(IdentifierTooLongError, match=r"64 bytes long, but PostgreSQL cuts names at 63 bytes"):
+        pgevents.listen(name, "after_insert", Recorder())
+    with pytest.raises(IdentifierTooLongError, match="schema name"):
+        pgevents.listen(sa.Table("t", sa.MetaData(), sa.Column("id", sa.Integer), schema="é" * 32), "after_insert", Recorder())
+    pgevents.listen("t" * 63, "after_insert", Recorder())
+
+
+def test_a_schema_name_with_a_backslash_works_for_writers_without_standard_strings(make_app, other_service):
+    schema = "pg\\events\\"
+    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_SCHEMA=schema, PGEVENTS_POLL_INTERVAL=30)
+    recorder = Recorder()
+    pgevents.listen(Thing, "after_insert", recorder)
+    with app.app_context():
+        pgevents.install_triggers()
+    pgevents.start(app)
+    quoted = '"' + schema + '"'
+    wait_until(lambda: _count(other_service, f"SELECT count(*) FROM {quoted}.listener WHERE idle") == 1)
+    other_service.execute("SET standard_conforming_strings = off")
+    other_service.execute("SET escape_string_warning = off")
+    other_service.execute("INSERT INTO thing (name) VALUES ('x')")
+    # Woken by its NOTIFY (the safety poll is 30 s away).
+    assert recorder.wait_for(1, timeout=5)[0].new["name"] == "x"
+
+
+# Retention ------------------------------------------------------------------------
+
+
+def test_failed_events_are_purged_after_their_retention(make_app, other_service):
+    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1, PGEVENTS_FAILED_RETENTION=0.5)
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def fails(event: Any) -> None:
+        raise RuntimeError("no")
+
+    with app.app_context():
+        pgevents.install_triggers()
+    other_service.execute("INSERT INTO thing (name) VALUES ('x')")
+    pgevents.start(app)
+    wait_until(lambda: _count(other_service, "SELECT count(*) FROM pgevents.event WHERE status = 'failed'") == 1)
+    wait_until(lambda: _count(other_service, "SELECT count(*) FROM pgevents.event") == 0)
+
+
+def test_broadcast_rows_are_written_only_while_someone_listens_and_purged_by_any_listener(make_app, other_service):
+    app, db, pgevents, Thing = thing_app(make_app)
+    pgevents.listen(Thing, "after_insert", Recorder(), broadcast=True)
+    with app.app_context():
+        pgevents.install_triggers()
+    other_service.execute("INSERT INTO thing (name) VALUES ('nobody listens')")
+    assert _count(other_service, "SELECT count(*) FROM pgevents.broadcast") == 0
+    # A listener with no broadcast handler of its own (another app) purges old rows.
+    other_app, _, other_pgevents = make_app()
+    other_pgevents.listen("public.thing", "after_update", Recorder())
+    other_pgevents.init_app(other_app)
+    other_pgevents.start(other_app)
+    wait_until(lambda: _count(other_service, "SELECT count(*) FROM pgevents.listener") == 1)
+    other_service.execute("INSERT INTO thing (name) VALUES ('someone listens')")
+    assert _count(other_service, "SELECT count(*) FROM pgevents.broadcast") == 1
+    other_service.execute("UPDATE pgevents.broadcast SET created_at = now() - interval '1 hour'")
+    other_pgevents.stop(timeout=10, app=other_app)
+    other_pgevents.start(other_app)  # a fresh listener purges soon after it starts
+    wait_until(lambda: _count(other_service, "SELECT count(*) FROM pgevents.broadcast") == 0)
