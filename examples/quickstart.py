@@ -183,9 +183,24 @@ def main() -> int:
     print("DATABASE_URL is not set: starting an embedded PostgreSQL server.")
     server = EmbeddedPostgres()
     try:
-        return run(server.url())
+        return run(app_role_url(server.url()))
     finally:
         server.stop()
+
+
+def app_role_url(superuser_url: str) -> str:
+    """As a real app would: run as a role that owns its tables, not as a superuser.
+
+    CREATEROLE lets install_triggers() make the NOLOGIN role that owns the
+    capture functions (see 'Security' in the README).
+    """
+    import psycopg
+
+    with psycopg.connect(superuser_url, autocommit=True) as conn:
+        conn.execute("CREATE ROLE quickstart_app LOGIN CREATEROLE")
+        conn.execute("GRANT CREATE ON DATABASE postgres TO quickstart_app")
+        conn.execute("GRANT CREATE ON SCHEMA public TO quickstart_app")
+    return make_url(superuser_url).set(username="quickstart_app").render_as_string(hide_password=False)
 
 
 if __name__ == "__main__":

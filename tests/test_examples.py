@@ -65,3 +65,5 @@ def test_quickstart_without_database_url_starts_an_embedded_server():
     result = run_example(QUICKSTART, None)
     assert result.stdout.startswith("DATABASE_URL is not set: starting an embedded PostgreSQL server.")
     assert_quickstart_output(result)
+    # It runs as a table-owning role with CREATEROLE, as the README advises: no superuser warning.
+    assert "superuser" not in result.stderr, result.stderr

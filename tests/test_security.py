@@ -318,3 +318,36 @@ def test_broadcast_rows_are_written_only_while_someone_listens_and_purged_by_any
     other_pgevents.stop(timeout=10, app=other_app)
     other_pgevents.start(other_app)  # a fresh listener purges soon after it starts
     wait_until(lambda: _count(other_service, "SELECT count(*) FROM pgevents.broadcast") == 0)
+
+
+# Upgrading ------------------------------------------------------------------------
+
+
+def test_an_install_of_the_previous_version_is_upgraded_with_its_backlog(make_app, other_service, caplog):
+    app, db, pgevents, Thing = thing_app(make_app)
+    recorder = Recorder()
+    pgevents.listen(Thing, "after_insert", recorder)
+    with app.app_context():
+        pgevents.install_triggers()
+    assert "runs as the superuser 'postgres'" in caplog.text
+    # What 0.1 left: no size column, functions owned by the installer and
+    # callable by anyone, and a backlog of pending events.
+    other_service.execute("""
+        DROP TRIGGER pgevents_insert ON thing;
+        ALTER TABLE pgevents.event DROP COLUMN size;
+        ALTER TABLE pgevents.broadcast DROP COLUMN size;
+        ALTER FUNCTION pgevents.capture_insert() OWNER TO postgres;
+        GRANT EXECUTE ON FUNCTION pgevents.capture_insert() TO PUBLIC;
+        INSERT INTO pgevents.event (table_schema, table_name, op, new)
+        SELECT 'public', 'thing', 'insert', json_build_object('id', i, 'name', 'old ' || i)
+        FROM generate_series(1, 3) AS i;
+    """)
+    with app.app_context():
+        pgevents.install_triggers()
+        other_service.execute("INSERT INTO thing (name) VALUES ('new')")
+        assert pgevents.process_pending() == 4
+    assert [e.new["name"] for e in recorder.events] == ["old 1", "old 2", "old 3", "new"]
+    owner, acl = other_service.execute(
+        "SELECT proowner::regrole::text, proacl::text[] FROM pg_proc WHERE oid = 'pgevents.capture_insert'::regproc"
+    ).fetchone()
+    assert (owner, acl) == ("pgevents_capture", ["pgevents_capture=X/pgevents_capture"])
