@@ -84,7 +84,7 @@ def email_changed(event: Event) -> None:
 
 @pgevents.listens_for(User, "after_delete")
 def goodbye(event: Event) -> None:
-    # For deletes, event.new is None and event.target is built from event.old.
+    # For deletes, event.new is empty ({}) and event.target is built from event.old.
     print(f"after_delete: op={event.op} old={event.old} target={event.target!r}")
     handled.release()
 

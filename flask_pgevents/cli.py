@@ -1,25 +1,31 @@
-"""The ``flask pgevents`` command group: thin wrappers over PGEvents methods."""
+"""The ``flask pgevents`` command group: thin wrappers over PGEvents methods.
+
+Imports nothing from the extension: each command finds the app's state in
+``current_app.extensions["pgevents"]``.
+"""
 from __future__ import annotations
 
 import datetime
 import functools
 import logging
 import signal
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from .connection import CONNECTION_ERRORS
 from .errors import PGEventsError
-from .extension import AppState
-from .listener import CONNECTION_ERRORS
+
+if TYPE_CHECKING:
+    from .state import AppState
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _state() -> AppState:
-    state = current_app.extensions.get("pgevents")
+    state: Optional[AppState] = current_app.extensions.get("pgevents")
     if state is None:
         raise click.ClickException(
             "flask-pgevents is not set up on this app. Call 'PGEvents(app)' or"
@@ -129,7 +135,7 @@ def status() -> None:
         click.echo("  (no handlers registered)")
     width = max((len(str(t.table)) for t in report), default=0)
     for trig in report:
-        click.echo(f"  {str(trig.table):<{width}}  {trig.operation:<6}  {trig.state}")
+        click.echo(f"  {str(trig.table):<{width}}  {trig.kind:<6}  {trig.state}")
     if backlog is None:
         click.echo("Backlog: event table missing; run 'flask pgevents install-triggers'.")
     else:

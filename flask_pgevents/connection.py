@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
 from .errors import ConfigurationError
+from .sql import render
 
 #: libpq keepalive settings: a half-open connection is noticed in about 15 s.
 KEEPALIVES = {
@@ -22,10 +23,29 @@ KEEPALIVES = {
 }
 
 
-#: Set on every connection flask-pgevents opens, before its first query: no
-#: other schema's function or operator can stand in for a built-in one
-#: (CVE-2018-1058). Every object of the project is schema-qualified.
-SAFE_SEARCH_PATH = "SET search_path = pg_catalog, pg_temp"
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        import psycopg
+
+        errors += [psycopg.OperationalError, psycopg.InterfaceError]
+    except ImportError:  # pragma: no cover - psycopg 3 is an optional extra
+        pass
+    import psycopg2
+
+    errors += [psycopg2.OperationalError, psycopg2.InterfaceError]
+    return tuple(errors)
+
+
+#: Exceptions that mean the connection is gone, for both drivers.
+CONNECTION_ERRORS = _connection_errors()
+
+
+def sqlstate(exc: BaseException) -> Optional[str]:
+    """The SQLSTATE of a psycopg or psycopg2 error, if it has one."""
+    code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    return code if isinstance(code, str) else None
+
 
 
 def parse_database_url(uri: "str | URL", source: str) -> URL:
@@ -94,7 +114,9 @@ class Connection:
             self.raw.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
         self.cursor = self.raw.cursor()
         try:
-            self.execute(SAFE_SEARCH_PATH)
+            # Before any other query: no other schema's function or operator
+            # can stand in for a built-in one (CVE-2018-1058).
+            self.execute(render("safe_search_path"))
         except BaseException:
             self.close()
             raise
@@ -107,17 +129,6 @@ class Connection:
         self.cursor.execute(sql, params)
         return self.cursor
 
-    def run_script(self, statements: list[str]) -> None:
-        """Run statements in one transaction."""
-        self.execute("BEGIN")
-        try:
-            for statement in statements:
-                self.execute(statement)
-        except BaseException:
-            self.execute("ROLLBACK")
-            raise
-        self.execute("COMMIT")
-
     def take_notifications(self) -> int:
         """How many wake-ups arrived since the last call; does not block."""
         if self.driver == "psycopg":
@@ -127,14 +138,20 @@ class Connection:
         del self.raw.notifies[:]
         return count
 
-    def wait_for_notification(self, timeout: float) -> bool:
-        """Block until a NOTIFY arrives or ``timeout`` seconds pass."""
+    def wait(self, timeout: float, interrupt: Optional[int] = None) -> bool:
+        """Block until a NOTIFY arrives, ``interrupt`` is readable or ``timeout``
+        seconds pass; True if notified.
+
+        :param interrupt: a file descriptor that ends the wait early (the
+            read end of a pipe written to stop the listener).
+        """
         if self.take_notifications():
             return True
-        if self.driver == "psycopg":
-            return any(True for _ in self.raw.notifies(timeout=timeout, stop_after=1))
-        ready, _, _ = select.select([self.raw], [], [], timeout)
-        return bool(ready) and self.take_notifications() > 0
+        if timeout <= 0:
+            return False
+        watched = [self.raw] if interrupt is None else [self.raw, interrupt]
+        select.select(watched, [], [], timeout)
+        return self.take_notifications() > 0
 
     def __enter__(self) -> "Connection":
         return self

@@ -225,7 +225,7 @@ class RowDecoder:
 
 def changed_columns(old: Optional[Mapping[str, Any]], new: Optional[Mapping[str, Any]]) -> FrozenSet[str]:
     """Names of the columns whose value differs between two versions of a row."""
-    if old is None or new is None:
+    if not old or not new:
         return frozenset()
     return frozenset(k for k in new.keys() | old.keys() if not _same(old.get(k), new.get(k)))
 
@@ -243,6 +243,10 @@ _UNSET: Any = object()
 class Event:
     """One committed row change, as handed to handlers; immutable.
 
+    ``new`` and ``old`` are always dicts: ``old`` is empty for inserts and
+    ``new`` for deletes, so that a handler indexes them without a ``None``
+    check and type checkers agree (``event.old["email"]``).
+
     Example::
 
         @pgevents.listens_for(User, "after_update", columns=["email"])
@@ -256,8 +260,8 @@ class Event:
     op: str
     table: str
     model: Optional[type]
-    new: Optional[Row]
-    old: Optional[Row]
+    new: Row
+    old: Row
     changed: FrozenSet[str]
     timestamp: datetime.datetime
     attempt: int
@@ -281,8 +285,8 @@ class Event:
         set_(self, "op", op)
         set_(self, "table", table)
         set_(self, "model", model)
-        set_(self, "new", new)
-        set_(self, "old", old)
+        set_(self, "new", new if new is not None else {})
+        set_(self, "old", old if old is not None else {})
         set_(self, "changed", changed if changed is not None else changed_columns(old, new))
         set_(self, "timestamp", timestamp)
         set_(self, "attempt", attempt)
@@ -301,7 +305,7 @@ class Event:
         Not attached to any session; ``None`` when no model maps the table.
         """
         if self._target is _UNSET:
-            object.__setattr__(self, "_target", build_instance(self.model, self.new if self.new is not None else self.old))
+            object.__setattr__(self, "_target", build_instance(self.model, self.new or self.old))
         return self._target
 
     def __repr__(self) -> str:

@@ -1,10 +1,16 @@
-"""Handlers by table and operation, validated when they are registered; no I/O."""
+"""Handlers by table and kind, validated when they are registered; no I/O.
+
+Words used throughout the package: an *op* is what happened to a row
+(``"insert"``, ``"update"``, ``"delete"``), as in ``Event.op``; a *kind* is an
+op with its delivery, ``"insert"`` for queued handlers or ``"broadcast_insert"``
+for broadcast ones. Each table has one trigger per kind in use.
+"""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import threading
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
 
 import sqlalchemy as sa
 
@@ -17,21 +23,30 @@ from .errors import (
     UnmappedTargetError,
 )
 
-#: Public event names mapped to the operation stored for them.
-EVENT_OPERATIONS = {
+#: Public event names mapped to the op stored for them.
+EVENT_OPS = {
     "after_insert": "insert",
     "after_update": "update",
     "after_delete": "delete",
 }
-OPERATIONS = tuple(EVENT_OPERATIONS.values())
-#: Broadcast handlers are kept apart under "broadcast_<operation>": they have
-#: triggers and a table of their own (see triggers.py).
+OPS = tuple(EVENT_OPS.values())
+#: Broadcast handlers are kept apart under "broadcast_<op>": they have
+#: triggers and a table of their own.
 BROADCAST_PREFIX = "broadcast_"
+#: Every kind: queued delivery per op, and broadcast.
+TRIGGER_KINDS = OPS + tuple(BROADCAST_PREFIX + op for op in OPS)
+#: PostgreSQL cuts longer identifiers (NAMEDATALEN - 1).
+MAX_IDENTIFIER_BYTES = 63
 
 
-def base_operation(kind: str) -> str:
+def op_of(kind: str) -> str:
     """``"insert"`` for both ``"insert"`` and ``"broadcast_insert"``."""
     return kind[len(BROADCAST_PREFIX):] if kind.startswith(BROADCAST_PREFIX) else kind
+
+
+def is_broadcast(kind: str) -> bool:
+    return kind.startswith(BROADCAST_PREFIX)
+
 
 Handler = Callable[..., Any]
 Target = Union[type, sa.Table, str]
@@ -48,12 +63,24 @@ class TableKey:
         return f"{self.schema}.{self.name}"
 
 
+#: A trigger: one table and one kind.
+TriggerKey = Tuple[TableKey, str]
+#: The triggers the handlers need, each with the update columns it watches
+#: (``None``: every column).
+TriggerSet = Dict[TriggerKey, Optional[FrozenSet[str]]]
+
+
+def trigger_order(key: TriggerKey) -> tuple[str, str]:
+    """Sort key of triggers: by table, then kind."""
+    return (str(key[0]), key[1])
+
+
 @dataclasses.dataclass(frozen=True)
 class Subscription:
-    """One handler registered for one operation on one table."""
+    """One handler registered for one kind on one table."""
 
     table: TableKey
-    operation: str
+    kind: str
     handler: Handler
     columns: Optional[frozenset[str]]
     #: Stable name of the handler, recorded in the event row once it succeeded.
@@ -88,10 +115,6 @@ def _describe(target: Any) -> str:
 def _event_names(identifier: Any) -> str:
     names = [identifier] if isinstance(identifier, str) else list(identifier)
     return ", ".join(repr(name) for name in names)
-
-
-#: PostgreSQL cuts longer identifiers (NAMEDATALEN - 1).
-MAX_IDENTIFIER_BYTES = 63
 
 
 def resolve_target(target: Target) -> tuple[TableKey, Optional[type], Optional[sa.Table]]:
@@ -146,8 +169,8 @@ def _resolve_target(target: Target) -> tuple[TableKey, Optional[type], Optional[
     )
 
 
-def resolve_operations(identifier: Union[str, Sequence[str]], target: Any) -> list[str]:
-    """Turn ``"after_insert"`` or a list of such names into operations.
+def resolve_ops(identifier: Union[str, Sequence[str]], target: Any) -> list[str]:
+    """Turn ``"after_insert"`` or a list of such names into ops.
 
     :raises UnknownEventError: for a name that is not an event.
     """
@@ -166,15 +189,15 @@ def resolve_operations(identifier: Union[str, Sequence[str]], target: Any) -> li
         raise UnknownEventError(f"No such event {identifier!r} for {_describe(target)!r}. {expected}")
     if not names:
         raise UnknownEventError(f"No event given for {_describe(target)!r}. {expected}")
-    operations = []
+    ops = []
     for name in names:
-        if not isinstance(name, str) or name not in EVENT_OPERATIONS:
+        if not isinstance(name, str) or name not in EVENT_OPS:
             raise UnknownEventError(
                 f"No such event {name!r} for {_describe(target)!r}. {expected}"
             )
-        if EVENT_OPERATIONS[name] not in operations:
-            operations.append(EVENT_OPERATIONS[name])
-    return operations
+        if EVENT_OPS[name] not in ops:
+            ops.append(EVENT_OPS[name])
+    return ops
 
 
 def _column_names(sa_table: sa.Table, model: Optional[type]) -> dict[str, str]:
@@ -193,7 +216,7 @@ def _column_names(sa_table: sa.Table, model: Optional[type]) -> dict[str, str]:
 
 def _check_columns(
     columns: Optional[Iterable[str]],
-    operations: list[str],
+    ops: list[str],
     target: Any,
     sa_table: Optional[sa.Table],
     model: Optional[type] = None,
@@ -202,16 +225,16 @@ def _check_columns(
         return None
     if isinstance(columns, str):
         columns = [columns]
-    if "update" not in operations or len(operations) > 1:
-        others = ", ".join(repr("after_" + op) for op in operations if op != "update")
+    if "update" not in ops or len(ops) > 1:
+        others = ", ".join(repr("after_" + op) for op in ops if op != "update")
         fix = (
             "Register the 'after_update' handler with columns= in its own call."
-            if "update" in operations
+            if "update" in ops
             else "Remove columns=, or listen to 'after_update'."
         )
         raise UnknownColumnError(
             f"'columns' applies to 'after_update' only, but the handler for"
-            f" {_describe(target)!r} {'also ' if 'update' in operations else ''}listens"
+            f" {_describe(target)!r} {'also ' if 'update' in ops else ''}listens"
             f" to {others}. {fix}"
         )
     columns = list(columns)
@@ -248,7 +271,7 @@ def _check_columns(
 
 
 class Registry:
-    """Thread-safe store of subscriptions, looked up by table and operation."""
+    """Thread-safe store of subscriptions, looked up by table and kind."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -270,16 +293,16 @@ class Registry:
             InvalidHandlerError: for bad input, before anything is stored.
         """
         table_key, model, sa_table = resolve_target(target)
-        operations = resolve_operations(identifier, target)
+        ops = resolve_ops(identifier, target)
         if not callable(fn):
             raise InvalidHandlerError(
                 f"The handler for {_event_names(identifier)} on {_describe(target)!r} is"
                 f" not callable: got {fn!r}. Pass a function that takes one Event."
             )
-        wanted = _check_columns(columns, operations, target, sa_table, model)
+        wanted = _check_columns(columns, ops, target, sa_table, model)
         added = []
         with self._lock:
-            for op in operations:
+            for op in ops:
                 kind = BROADCAST_PREFIX + op if broadcast else op
                 sub = Subscription(
                     table_key, kind, fn, wanted, self._name_for(table_key, kind, fn), model, sa_table
@@ -290,13 +313,13 @@ class Registry:
             self._reindex()
         return added
 
-    def _name_for(self, table: TableKey, operation: str, fn: Handler) -> str:
+    def _name_for(self, table: TableKey, kind: str, fn: Handler) -> str:
         # Handlers made by one factory, or bound methods of two instances,
         # share a qualified name; number them so that each one's success is
         # recorded apart. Registration order is the same in every process.
         taken = set()
         for sub in self._subscriptions:
-            if (sub.table, sub.operation) == (table, operation):
+            if (sub.table, sub.kind) == (table, kind):
                 if sub.handler == fn:
                     return sub.name
                 taken.add(sub.name)
@@ -313,14 +336,14 @@ class Registry:
         :raises UnknownHandlerError: if it is not registered for one of them.
         """
         table_key, _, _ = resolve_target(target)
-        operations = resolve_operations(identifier, target)
+        ops = resolve_ops(identifier, target)
         with self._lock:
             doomed = []
-            for op in operations:
+            for op in ops:
                 # == and not "is": each access to obj.method makes a new bound method.
                 matches = [
                     s for s in self._subscriptions
-                    if s.table == table_key and base_operation(s.operation) == op and s.handler == fn
+                    if s.table == table_key and op_of(s.kind) == op and s.handler == fn
                 ]
                 if not matches:
                     raise UnknownHandlerError(
@@ -335,38 +358,38 @@ class Registry:
 
     @staticmethod
     def _same(a: Subscription, b: Subscription) -> bool:
-        return (a.table, a.operation, a.handler, a.columns) == (
-            b.table, b.operation, b.handler, b.columns
+        return (a.table, a.kind, a.handler, a.columns) == (
+            b.table, b.kind, b.handler, b.columns
         )
 
     def _reindex(self) -> None:
         by_key: dict[tuple[TableKey, str], list[Subscription]] = {}
         for sub in self._subscriptions:
-            by_key.setdefault((sub.table, sub.operation), []).append(sub)
+            by_key.setdefault((sub.table, sub.kind), []).append(sub)
         self._by_key = {key: tuple(subs) for key, subs in by_key.items()}
 
-    def subscribed(self) -> list[tuple[TableKey, str]]:
-        """Every (table, operation) that has at least one queued (not broadcast) handler."""
-        return [key for key in self._by_key if not key[1].startswith(BROADCAST_PREFIX)]
+    def subscribed(self) -> list[TriggerKey]:
+        """Every (table, op) that has at least one queued (not broadcast) handler."""
+        return [key for key in self._by_key if not is_broadcast(key[1])]
 
     def has_broadcast(self) -> bool:
-        return any(op.startswith(BROADCAST_PREFIX) for _, op in self._by_key)
+        return any(is_broadcast(kind) for _, kind in self._by_key)
 
-    def handlers_for(self, table: TableKey, operation: str) -> tuple[Subscription, ...]:
-        """The subscriptions for one table and operation, in registration order."""
-        return self._by_key.get((table, operation), ())
+    def handlers_for(self, table: TableKey, kind: str) -> tuple[Subscription, ...]:
+        """The subscriptions for one table and kind, in registration order."""
+        return self._by_key.get((table, kind), ())
 
-    def needed_triggers(self) -> dict[tuple[TableKey, str], Optional[frozenset[str]]]:
+    def needed_triggers(self) -> TriggerSet:
         """Which triggers the handlers need, with the update columns to watch.
 
         ``None`` as the column set means every column.
         """
-        needed: dict[tuple[TableKey, str], Optional[frozenset[str]]] = {}
-        for (table, op), subs in self._by_key.items():
-            if base_operation(op) != "update" or any(s.columns is None for s in subs):
-                needed[(table, op)] = None
+        needed: TriggerSet = {}
+        for (table, kind), subs in self._by_key.items():
+            if op_of(kind) != "update" or any(s.columns is None for s in subs):
+                needed[(table, kind)] = None
             else:
-                needed[(table, op)] = frozenset().union(*(s.columns or () for s in subs))
+                needed[(table, kind)] = frozenset().union(*(s.columns or () for s in subs))
         return needed
 
     def model_for(self, table: TableKey) -> tuple[Optional[type], Optional[sa.Table]]:

@@ -31,7 +31,7 @@ def test_broadcast_reaches_every_listener_and_queued_handlers_run_once(make_app,
         table1.create(db1.engine)
         pg1.install_triggers()
         report, _ = pg1.trigger_status()
-    assert {(t.operation, t.state) for t in report} == {("insert", "installed"), ("broadcast_insert", "installed")}
+    assert {(t.kind, t.state) for t in report} == {("insert", "installed"), ("broadcast_insert", "installed")}
     pg1.start(app1)
     pg2.start(app2)
     wait_until(lambda: other_service.execute("SELECT count(*) FROM pgevents.listener").fetchone()[0] == 2)

@@ -281,7 +281,7 @@ def test_insert_update_delete_events(make_app, other_service, recorder):
     assert insert.id < update.id < delete.id
     assert insert.timestamp == written_at
 
-    assert (insert.op, insert.old, insert.changed) == ("insert", None, frozenset())
+    assert (insert.op, insert.old, insert.changed) == ("insert", {}, frozenset())
     assert_same(insert.new, inserted)
     _assert_transient_copy(insert.target, Sample, inserted)
     assert insert.target is insert.target
@@ -293,7 +293,7 @@ def test_insert_update_delete_events(make_app, other_service, recorder):
     _assert_transient_copy(update.target, Sample, updated)
     assert update.target.note == "changed" and update.target.ints == [1, 2, 3]
 
-    assert (delete.op, delete.new, delete.changed) == ("delete", None, frozenset())
+    assert (delete.op, delete.new, delete.changed) == ("delete", {}, frozenset())
     assert_same(delete.old, updated)
     _assert_transient_copy(delete.target, Sample, updated)
 

@@ -24,10 +24,10 @@ def test_insert_update_delete_reach_handlers(make_app, other_service, recorder):
         assert pgevents.process_pending() == 4
     ops = [(e.op, e.new, e.old) for e in recorder.events]
     assert ops == [
-        ("insert", {"id": 1, "name": "a"}, None),
-        ("insert", {"id": 2, "name": "b"}, None),
+        ("insert", {"id": 1, "name": "a"}, {}),
+        ("insert", {"id": 2, "name": "b"}, {}),
         ("update", {"id": 1, "name": "c"}, {"id": 1, "name": "a"}),
-        ("delete", None, {"id": 2, "name": "b"}),
+        ("delete", {}, {"id": 2, "name": "b"}),
     ]
     assert recorder.events[2].changed == frozenset({"name"})
     assert recorder.events[0].target.name == "a"

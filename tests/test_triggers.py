@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from flask_pgevents import ConfigurationError
+
 ALL = ["after_insert", "after_update", "after_delete"]
 _roles = itertools.count()
 
@@ -55,7 +57,7 @@ def _triggers(conn: psycopg.Connection) -> list[tuple[str, str, str, list[str]]]
 def _states(app: Any, pgevents: Any) -> dict[tuple[str, str], str]:
     with app.app_context():
         report, _ = pgevents.trigger_status()
-    return {(str(s.table), s.operation): s.state for s in report}
+    return {(str(s.table), s.kind): s.state for s in report}
 
 
 def _ignore(event: Any) -> None:
@@ -99,10 +101,10 @@ def test_uuid_primary_key_with_server_default(make_app, other_service, recorder)
     assert _drain(app, pgevents) == 5
     assert isinstance(orm_id, uuid.UUID)
     assert _changes(recorder) == [
-        ("insert", None, {"id": orm_id, "label": "orm"}),
+        ("insert", {}, {"id": orm_id, "label": "orm"}),
         ("update", {"id": orm_id, "label": "orm"}, {"id": orm_id, "label": "orm, renamed"}),
-        ("delete", {"id": orm_id, "label": "orm, renamed"}, None),
-        ("insert", None, {"id": sql_id, "label": "sql"}),
+        ("delete", {"id": orm_id, "label": "orm, renamed"}, {}),
+        ("insert", {}, {"id": sql_id, "label": "sql"}),
         ("update", {"id": sql_id, "label": "sql"}, {"id": sql_id, "label": "sql, renamed"}),
     ]
     first = recorder.events[0]
@@ -137,15 +139,15 @@ def test_text_primary_key_including_a_change_of_the_key(make_app, other_service,
     )
     assert _drain(app, pgevents) == 8
     assert _changes(recorder) == [
-        ("insert", None, {"code": "fr", "name": "France"}),
-        ("insert", None, {"code": "de", "name": "Germany"}),
+        ("insert", {}, {"code": "fr", "name": "France"}),
+        ("insert", {}, {"code": "de", "name": "Germany"}),
         ("update", {"code": "fr", "name": "France"}, {"code": "FR", "name": "France"}),
         ("update", {"code": "de", "name": "Germany"}, {"code": "DE", "name": "Germany!"}),
-        ("delete", {"code": "FR", "name": "France"}, None),
-        ("insert", None, {"code": "it", "name": "Italy"}),
+        ("delete", {"code": "FR", "name": "France"}, {}),
+        ("insert", {}, {"code": "it", "name": "Italy"}),
         # PostgreSQL fires the upsert's statement triggers update first.
         ("update", {"code": "it", "name": "Italy"}, {"code": "it", "name": "Italia"}),
-        ("insert", None, {"code": "es", "name": "Spain"}),
+        ("insert", {}, {"code": "es", "name": "Spain"}),
     ]
     assert recorder.events[2].changed == frozenset({"code"})
 
@@ -172,11 +174,11 @@ def test_composite_primary_key(make_app, other_service, recorder):
     other_service.execute("DELETE FROM stock WHERE (warehouse, sku) = (2, 'a')")
     assert _drain(app, pgevents) == 5
     assert _changes(recorder) == [
-        ("insert", None, {"warehouse": 1, "sku": "a", "quantity": 5}),
-        ("insert", None, {"warehouse": 2, "sku": "a", "quantity": 7}),
+        ("insert", {}, {"warehouse": 1, "sku": "a", "quantity": 5}),
+        ("insert", {}, {"warehouse": 2, "sku": "a", "quantity": 7}),
         ("update", {"warehouse": 2, "sku": "a", "quantity": 7}, {"warehouse": 2, "sku": "a", "quantity": 8}),
         ("update", {"warehouse": 1, "sku": "a", "quantity": 5}, {"warehouse": 3, "sku": "a", "quantity": 5}),
-        ("delete", {"warehouse": 2, "sku": "a", "quantity": 8}, None),
+        ("delete", {"warehouse": 2, "sku": "a", "quantity": 8}, {}),
     ]
     assert recorder.events[4].target.quantity == 8
 
@@ -202,11 +204,11 @@ def test_table_without_primary_key_and_duplicate_rows(make_app, other_service, r
     b5, b50 = {"sensor": "b", "value": 5}, {"sensor": "b", "value": 50}
     # Old and new rows are paired by position, so identical rows pair right.
     assert _changes(recorder) == [
-        ("insert", None, a1), ("insert", None, a1), ("insert", None, b5),
+        ("insert", {}, a1), ("insert", {}, a1), ("insert", {}, b5),
         ("update", a1, a10), ("update", a1, a10), ("update", b5, b50),
         ("update", a10, a11), ("update", a10, a11),
-        ("delete", a11, None), ("delete", a11, None),
-        ("insert", None, {"sensor": "c", "value": 7}), ("insert", None, {"sensor": "c", "value": 7}),
+        ("delete", a11, {}), ("delete", a11, {}),
+        ("insert", {}, {"sensor": "c", "value": 7}), ("insert", {}, {"sensor": "c", "value": 7}),
     ]
     assert recorder.events[0].model is None and recorder.events[0].target is None
 
@@ -244,10 +246,10 @@ def test_mixed_case_names_in_a_non_public_schema_through_the_orm(make_app, other
     assert ("Sales", "OrderLine", "pgevents_update", ["Qty"]) in _triggers(other_service)
     assert _drain(app, pgevents) == 3
     assert _changes(recorder) == [
-        ("insert", None, {"OrderLineId": 1, "Qty": 1, "Note": "first", "Status": "Open"}),
+        ("insert", {}, {"OrderLineId": 1, "Qty": 1, "Note": "first", "Status": "Open"}),
         ("update", {"OrderLineId": 1, "Qty": 1, "Note": "only the note", "Status": "Open"},
          {"OrderLineId": 1, "Qty": 2, "Note": "only the note", "Status": "Open"}),
-        ("delete", {"OrderLineId": 1, "Qty": 2, "Note": "only the note", "Status": "Open"}, None),
+        ("delete", {"OrderLineId": 1, "Qty": 2, "Note": "only the note", "Status": "Open"}, {}),
     ]
     assert {e.table for e in recorder.events} == {"Sales.OrderLine"}
     assert recorder.events[1].target.quantity == 2 and recorder.events[1].model is OrderLine
@@ -278,7 +280,7 @@ def test_quoted_names_with_a_string_target(make_app, other_service, recorder):
     )
     assert _drain(app, pgevents) == 3
     before, after = {key: "k'1", amount: decimal.Decimal("1.5")}, {key: "k'1", amount: decimal.Decimal("2")}
-    assert _changes(recorder) == [("insert", None, before), ("update", before, after), ("delete", after, None)]
+    assert _changes(recorder) == [("insert", {}, before), ("update", before, after), ("delete", after, {})]
     assert [(e.old, e.new, e.changed) for e in amount_changes] == [(before, after, frozenset({amount}))]
     assert {e.table for e in recorder.events} == {'My Schema.Odd "Table"'}
     assert recorder.events[0].model is None
@@ -659,12 +661,12 @@ def test_hostile_names_and_values_are_captured_verbatim_and_break_nothing(make_a
     fourth = dict(third, **{quoted: "not watched"})
     inserted = {quoted: None, dollars: None, unicode_: values[unicode_]}
     assert _changes(recorder) == [
-        ("insert", None, values),
+        ("insert", {}, values),
         ("update", values, second),
         ("update", second, third),
-        ("insert", None, inserted),
-        ("delete", fourth, None),
-        ("delete", inserted, None),
+        ("insert", {}, inserted),
+        ("delete", fourth, {}),
+        ("delete", inserted, {}),
     ]
     assert {e.table for e in recorder.events} == {f"{schema}.{table}"}
     assert other_service.execute(
@@ -696,10 +698,10 @@ def test_column_names_that_shadow_names_in_the_capture_functions(make_app, other
     assert _drain(app, pgevents) == 4
     updated = dict(row, x=-1)
     assert _changes(recorder) == [
-        ("insert", None, row),
+        ("insert", {}, row),
         ("update", row, updated),
         ("update", updated, dict(updated, name=-2)),
-        ("delete", dict(updated, name=-2), None),
+        ("delete", dict(updated, name=-2), {}),
     ]
     assert [e.changed for e in watched] == [frozenset({"name"})]
 
@@ -731,7 +733,7 @@ def test_a_role_without_privileges_on_the_event_schema_can_still_write(
         other_service.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
     assert _drain(app, pgevents) == 3
     a, b = {"id": 1, "email": "a@x", "name": "A"}, {"id": 1, "email": "a@x", "name": "B"}
-    assert _changes(recorder) == [("insert", None, a), ("update", a, b), ("delete", b, None)]
+    assert _changes(recorder) == [("insert", {}, a), ("update", a, b), ("delete", b, {})]
 
 
 def test_the_writers_session_settings_do_not_change_captured_values(make_app, other_service, recorder):
@@ -797,7 +799,7 @@ def test_concurrent_installs_all_succeed(make_app, other_service):
 def test_event_schema_names_must_leave_room_for_trigger_names(make_app, other_service, recorder):
     # PostgreSQL cuts names at 63 bytes: longer trigger names would collide.
     app, db, pgevents = make_app(PGEVENTS_SCHEMA="é" * 25 + "e" * 7)
-    with pytest.raises(ValueError, match="at most 46 bytes"):
+    with pytest.raises(ConfigurationError, match="at most 46 bytes"):
         pgevents.init_app(app)
     longest = "e" * 46
     app, db, pgevents, User = _user_app(make_app, PGEVENTS_SCHEMA=longest)

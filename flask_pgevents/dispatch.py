@@ -1,0 +1,336 @@
+"""A batch's handlers: claim, call them in the app context, record, settle.
+
+Each batch is claimed with ``FOR UPDATE SKIP LOCKED`` inside a transaction
+that stays open while its handlers run, so no other process can take those
+events, and a process that dies releases them at once with its connection.
+Handled events are deleted (or marked done) in that same transaction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Iterable, Optional
+
+from .connection import CONNECTION_ERRORS, Connection
+from .events import Event, load_row
+from .pacing import Backoff
+from .registry import BROADCAST_PREFIX, Subscription
+from .store import StoredEvent, Store, subscription_key
+
+if TYPE_CHECKING:
+    from .state import AppState
+
+logger = logging.getLogger("flask_pgevents")
+
+#: A batch whose handlers run longer than this settles early and releases
+#: the events it has not reached, so that other processes can take them.
+MAX_BATCH_SECONDS = 1.0
+#: Broadcast rows are kept this long: a listener further behind misses them.
+BROADCAST_RETENTION_SECONDS = 60
+
+#: The name under which a row that cannot be decoded is recorded as failed.
+DECODE_STEP = "<decoding the row>"
+#: The name under which an event is recorded whose batch could not be settled.
+SETTLE_STEP = "<settling the event>"
+#: The name under which a handler's error is recorded when its own record could not be.
+RECORD_STEP = "<recording the failure>"
+
+Errors = dict[str, dict[str, str]]
+
+
+def storable(text: str) -> str:
+    """``text`` without what jsonb refuses: NUL characters, and lone surrogates
+    (escaped as ``\\udxxx``)."""
+    return text.replace("\x00", "").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_record(exc: BaseException) -> dict[str, str]:
+    """The error and traceback of the exception being handled, storable as jsonb."""
+    return {
+        "error": storable(f"{type(exc).__name__}: {exc}"),
+        "traceback": storable(traceback.format_exc()),
+    }
+
+
+def errors_json(errors: Errors) -> str:
+    return json.dumps({storable(step): record for step, record in errors.items()})
+
+
+@dataclasses.dataclass
+class Failure:
+    """A failed attempt at one event, to be recorded when the batch settles."""
+
+    event_id: int
+    attempt: int
+    done: list[str]
+    errors: Errors
+
+
+class Dispatcher:
+    """Claims batches, runs their handlers and records the outcome, for one app."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        config = state.config
+        self.retry_backoff = Backoff(config.retry_backoff, config.retry_backoff_max, jitter=0.75)
+        #: Monotonic time at which a retried event becomes due, if any.
+        self.next_retry_at: Optional[float] = None
+        #: Transactions in progress at the last claim's snapshot.
+        self.in_flight = 0
+        #: Events left to claim one by one, after a batch that could not be settled.
+        self.isolating = 0
+        #: Bytes per event seen lately, which sizes the claim's LIMIT.
+        self.bytes_per_event = 0.0
+        #: Events settled since the event table was last vacuumed.
+        self.settled = 0
+        #: (txid, id) of the last broadcast row read by this process.
+        self.broadcast_position: tuple[str, int] = ("0", 0)
+
+    # Queued events --------------------------------------------------------------
+
+    def run_batch(self, store: Store, stop: Optional[threading.Event] = None) -> int:
+        """Claim, handle and settle up to one batch; return how many were handled.
+
+        Also sets :attr:`in_flight`: how many transactions were in progress
+        when the claim looked, any of which may still commit new events.
+
+        A batch that cannot be settled (a database error in the middle of
+        it) is rolled back and its events are claimed again one by one: the
+        one that fails alone is counted as a failed attempt, so that it ends
+        up in ``failed`` instead of stalling the queue.
+        """
+        config = self.state.config
+        subscriptions = [subscription_key(table, op) for table, op in self.state.registry.subscribed()]
+        events: list[StoredEvent] = []
+        store.begin()
+        try:
+            claim = store.claim_batch(subscriptions, self._claim_limit(), config.batch_bytes)
+            self.in_flight, events = claim.in_flight, claim.events
+            if not events:
+                store.commit()
+                return 0
+            self._measure([event.size for event in events])
+            handled, failures = self._handle(events, stop)
+            self._settle(store, handled, failures)
+            store.commit()
+        except CONNECTION_ERRORS:
+            self._rollback(store)
+            raise
+        except Exception as exc:
+            self._rollback(store)
+            if not events:
+                raise
+            return self._unsettled(store, events, exc, stop)
+        except BaseException:
+            self._rollback(store)
+            raise
+        self.isolating = max(0, self.isolating - len(events))
+        self.settled += len(handled) + len(failures)
+        return len(handled) + len(failures)
+
+    def _measure(self, sizes: list[int]) -> None:
+        average = sum(sizes) / len(sizes)
+        self.bytes_per_event = average if not self.bytes_per_event else (self.bytes_per_event + average) / 2
+
+    def _claim_limit(self) -> int:
+        if self.isolating:
+            return 1
+        config = self.state.config
+        if self.bytes_per_event <= 0:
+            return config.batch_size
+        return max(1, min(config.batch_size, int(config.batch_bytes / self.bytes_per_event)))
+
+    @staticmethod
+    def _rollback(store: Store) -> None:
+        if not store.conn.closed:
+            try:
+                store.rollback()
+            except CONNECTION_ERRORS:
+                pass
+
+    def _unsettled(
+        self, store: Store, events: list[StoredEvent], exc: Exception, stop: Optional[threading.Event]
+    ) -> int:
+        if len(events) > 1:
+            logger.exception(
+                "A batch of %s events could not be settled; claiming them one by one to find"
+                " the one that fails.", len(events),
+            )
+            self.isolating = len(events)
+            return self.run_batch(store, stop)
+        event = events[0]
+        logger.exception("Event %s could not be settled; it is retried like a failed handler.", event.id)
+        self.isolating = max(0, self.isolating - 1)
+        self._record(store, Failure(event.id, event.attempt + 1, list(event.done_handlers), {
+            SETTLE_STEP: error_record(exc),
+        }))
+        return 1
+
+    def _handle(self, events: list[StoredEvent], stop: Optional[threading.Event]) -> tuple[list[int], list[Failure]]:
+        handled: list[int] = []
+        failures: list[Failure] = []
+        started = time.monotonic()
+        with self.state.app.app_context():
+            for stored in events:
+                if stop is not None and stop.is_set():
+                    break  # the rest is released when the batch commits
+                if time.monotonic() - started > MAX_BATCH_SECONDS:
+                    break  # slow handlers: let other processes take the rest
+                attempt = stored.attempt + 1
+                done = set(stored.done_handlers)
+                try:
+                    event = self.event(stored, attempt)
+                except Exception as exc:  # noqa: BLE001 - one bad row must not block the queue
+                    logger.exception(
+                        "Event %s (%s on %s) could not be decoded; it is retried like a failed handler.",
+                        stored.id, stored.op, stored.table,
+                    )
+                    failures.append(Failure(stored.id, attempt, sorted(done), {DECODE_STEP: error_record(exc)}))
+                    continue
+                subscriptions = self.state.registry.handlers_for(stored.table, stored.op)
+                errors = self.call_handlers(event, (s for s in subscriptions if s.name not in done), done)
+                if errors:
+                    failures.append(Failure(stored.id, attempt, sorted(done), errors))
+                else:
+                    handled.append(stored.id)
+        return handled, failures
+
+    def call_handlers(self, event: Event, subscriptions: Iterable[Subscription], done: Optional[set[str]] = None) -> Errors:
+        """Call each subscription that wants the event; return the errors by handler name.
+
+        :param done: gets the name of each handler that succeeded.
+        """
+        errors: Errors = {}
+        for sub in subscriptions:
+            if sub.columns is not None and not (sub.columns & event.changed):
+                continue
+            try:
+                sub.handler(event)
+            except Exception as exc:  # noqa: BLE001 - any handler error is recorded
+                logger.exception(
+                    "Handler %s failed for event %s (%s on %s, attempt %s).",
+                    sub.name, event.id, event.op, event.table, event.attempt,
+                )
+                errors[sub.name] = error_record(exc)
+                self.state.rollback_session()
+            else:
+                if done is not None:
+                    done.add(sub.name)
+        return errors
+
+    def event(self, stored: StoredEvent, attempt: int) -> Event:
+        """The Event handlers receive for a stored row: values decoded by column type."""
+        info = self.state.table_info(stored.table)
+        return Event(
+            id=stored.id,
+            op=stored.op,
+            table=str(stored.table),
+            model=info.model,
+            new=info.decoder.decode(load_row(stored.new)),
+            old=info.decoder.decode(load_row(stored.old)),
+            timestamp=stored.created_at,
+            attempt=attempt,
+        )
+
+    def _settle(self, store: Store, handled: list[int], failures: list[Failure]) -> None:
+        if handled:
+            if self.state.config.retention > 0:
+                store.mark_handled(handled)
+            else:
+                store.delete_handled(handled)
+        for failure in failures:
+            # Under a savepoint: a record the database refuses must not roll
+            # back the batch, or its other events would run again and again.
+            store.savepoint()
+            try:
+                self._record(store, failure)
+            except CONNECTION_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded in a form that always stores
+                store.rollback_to_savepoint()
+                logger.exception("The failure of event %s could not be recorded as it was.", failure.event_id)
+                not_stored = {"error": "(not stored)", "traceback": ""}
+                self._record(store, dataclasses.replace(failure, errors={
+                    RECORD_STEP: {"error": f"{type(exc).__name__}: the handlers' errors could not be stored", "traceback": ""},
+                    **{storable(step): not_stored for step in failure.errors},
+                }))
+            store.release_savepoint()
+
+    def _record(self, store: Store, failure: Failure) -> None:
+        """Count a failed attempt: retried after a backoff, or kept as failed after the last."""
+        failed = failure.attempt >= self.state.config.max_attempts
+        if failed:
+            delay = 0.0
+            logger.error(
+                "Event %s failed %s times and is kept as failed; retry it with"
+                " 'flask pgevents retry %s'.", failure.event_id, failure.attempt, failure.event_id,
+            )
+        else:
+            delay = self.retry_backoff.delay(failure.attempt)
+            due = time.monotonic() + delay
+            self.next_retry_at = min(self.next_retry_at or due, due)
+        store.record_failure(
+            failure.event_id, attempt=failure.attempt, done=failure.done,
+            errors_json=errors_json(failure.errors), failed=failed, delay=delay,
+        )
+
+    def idle_timeout(self) -> float:
+        """How long to sleep when nothing is pending: the safety poll, or less."""
+        timeout = self.state.config.poll_interval
+        if self.next_retry_at is not None:
+            wait = self.next_retry_at - time.monotonic()
+            if wait <= 0:
+                self.next_retry_at = None
+                return 0.0
+            timeout = min(timeout, wait)
+        return timeout
+
+    # Broadcast ------------------------------------------------------------------
+
+    def start_broadcasts(self, store: Store) -> None:
+        """Read broadcast changes from now on: those committed from this moment."""
+        self.broadcast_position = (store.broadcast_start(), 0)
+
+    def run_broadcasts(self, store: Store) -> int:
+        """Call broadcast handlers for changes committed since the last call; at most once."""
+        state = self.state
+        if not state.registry.has_broadcast():
+            return 0
+        config = state.config
+        rows = store.read_broadcast(self.broadcast_position, config.batch_size, config.batch_bytes)
+        if not rows:
+            return 0
+        self.broadcast_position = (rows[-1].txid or "0", rows[-1].id)
+        with state.app.app_context():
+            for stored in rows:
+                subscriptions = state.registry.handlers_for(stored.table, BROADCAST_PREFIX + stored.op)
+                if not subscriptions:
+                    continue
+                try:
+                    event = self.event(stored, 1)
+                except Exception:  # noqa: BLE001 - broadcast is at most once: log and go on
+                    logger.exception("Broadcast event %s (%s on %s) could not be decoded.", stored.id, stored.op, stored.table)
+                    continue
+                # Broadcast handlers are not retried: their errors are only logged.
+                self.call_handlers(event, subscriptions)
+        return len(rows)
+
+
+def process_pending(state: AppState, timeout: Optional[float] = None) -> int:
+    """Handle every due event in the caller's thread; return how many."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    dispatcher = Dispatcher(state)
+    total = 0
+    with Connection(state.url, application_name="pgevents-process-pending") as conn:
+        store = Store(conn, state.config.schema)
+        while deadline is None or time.monotonic() < deadline:
+            count = dispatcher.run_batch(store)
+            if not count:
+                break
+            total += count
+    return total
+

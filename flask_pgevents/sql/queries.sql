@@ -1,0 +1,188 @@
+-- The runtime and administration queries of flask-pgevents, run by
+-- flask_pgevents.store.Store. Blocks are rendered like those of schema.sql;
+-- values are always passed as parameters (%s, %(name)s).
+
+-- name: safe_search_path
+-- Set on every connection flask-pgevents opens, before its first query: no
+-- other schema's function or operator can stand in for a built-in one
+-- (CVE-2018-1058). Every object of the project is schema-qualified too.
+SET search_path = pg_catalog, pg_temp
+
+-- name: begin
+BEGIN
+
+-- name: commit
+COMMIT
+
+-- name: rollback
+ROLLBACK
+
+-- name: savepoint
+SAVEPOINT pgevents_savepoint
+
+-- name: rollback_to_savepoint
+ROLLBACK TO SAVEPOINT pgevents_savepoint
+
+-- name: release_savepoint
+RELEASE SAVEPOINT pgevents_savepoint
+
+-- name: listen
+LISTEN {channel}
+
+-- name: notify
+SELECT pg_catalog.pg_notify(%s, '')
+
+-- name: skip_commit_flush
+-- Losing the commit of a settled batch in a server crash only means
+-- redelivery, which at-least-once allows: skip the flush.
+SET synchronous_commit = off
+
+-- name: installed_triggers
+-- Triggers whose function lives in the event schema, with what they watch.
+SELECT tn.nspname AS table_schema, c.relname AS table_name, t.tgname AS name,
+       p.proname AS function, t.tgargs AS arguments, t.tgnargs AS argument_count,
+       p.prosrc AS source, t.tgenabled AS enabled
+FROM pg_catalog.pg_trigger AS t
+JOIN pg_catalog.pg_class AS c ON c.oid = t.tgrelid
+JOIN pg_catalog.pg_namespace AS tn ON tn.oid = c.relnamespace
+JOIN pg_catalog.pg_proc AS p ON p.oid = t.tgfoid
+JOIN pg_catalog.pg_namespace AS pn ON pn.oid = p.pronamespace
+WHERE pn.nspname = %s AND NOT t.tgisinternal
+ORDER BY tn.nspname, c.relname, t.tgname
+
+-- name: relation_exists
+SELECT pg_catalog.to_regclass(%s) IS NOT NULL AS found
+
+-- name: table_columns
+-- The columns of a table named by schema and name (no SQL built from names).
+SELECT a.attname AS name
+FROM pg_catalog.pg_class AS c
+JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_attribute AS a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
+
+-- name: capture_role_state
+-- What decides the capture functions' owner: the installing role's powers,
+-- and the capture role if it exists.
+SELECT r.rolsuper AS superuser, r.rolcreaterole AS createrole, r.rolname AS installer,
+       EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = %(role)s) AS role_exists,
+       CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = %(role)s)
+            THEN pg_catalog.pg_has_role(CURRENT_USER, %(role)s, 'USAGE') END AS is_member
+FROM pg_catalog.pg_roles AS r WHERE r.rolname = CURRENT_USER
+
+-- name: role_state
+SELECT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = %s) AS role_exists,
+       pg_catalog.current_setting('server_version_num')::int AS server_version
+
+-- name: backlog
+SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+       min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       now() AS now
+FROM {schema}."event"
+
+-- name: claim_batch
+-- Claims the next pending events of the subscribed tables and operations.
+--
+-- The claim also counts the transactions in progress at its snapshot: a
+-- writer that saw no idle listener may still commit after this claim came
+-- back empty, so the listener polls again soon while any is in flight.
+--
+-- A claim is bounded by rows and by bytes: rows past PGEVENTS_BATCH_BYTES are
+-- not sent (at least one always is) and are released when the batch commits.
+-- The listener sizes its LIMIT from the bytes per row it has seen, so that it
+-- rarely locks rows it will not send. Rows written before events had a size
+-- count their stored size.
+WITH claimed AS (
+    SELECT id, table_schema, table_name, op, old, new, created_at, attempt, done_handlers,
+           coalesce(size, coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0)) AS size
+    FROM {schema}."event"
+    WHERE status = 'pending' AND (run_after IS NULL OR run_after <= now())
+      AND length(table_schema) || ':' || table_schema || table_name || ':' || op = ANY(%s)
+    ORDER BY id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+), measured AS (
+    SELECT claimed.*, sum(size) OVER (ORDER BY id) - size AS bytes_before
+    FROM claimed
+)
+SELECT (SELECT count(*) FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot())) AS in_flight,
+       m.id, m.table_schema, m.table_name, m.op, m.old::text AS old, m.new::text AS new, m.created_at,
+       m.attempt, m.done_handlers, m.size
+FROM (SELECT) AS snapshot LEFT JOIN measured AS m ON m.bytes_before < %s
+ORDER BY m.id
+
+-- name: delete_handled
+DELETE FROM {schema}."event" WHERE id = ANY(%s) AND status = 'pending'
+
+-- name: mark_handled
+UPDATE {schema}."event" SET status = 'done', handled_at = now(), errors = NULL
+WHERE id = ANY(%s) AND status = 'pending'
+
+-- name: purge_handled
+DELETE FROM {schema}."event" WHERE status = 'done' AND handled_at < now() - %s * interval '1 second'
+
+-- name: record_failure
+-- A failed event's handled_at is when it was given up:
+-- PGEVENTS_FAILED_RETENTION counts from there.
+UPDATE {schema}."event"
+SET attempt = %(attempt)s, done_handlers = %(done)s, errors = %(errors)s::jsonb, status = %(status)s,
+    run_after = now() + %(delay)s * interval '1 second',
+    handled_at = CASE WHEN %(status)s = 'failed' THEN now() END
+WHERE id = %(id)s AND status = 'pending'
+
+-- name: purge_failed
+DELETE FROM {schema}."event" WHERE status = 'failed' AND handled_at < now() - %s * interval '1 second'
+
+-- name: failed_events
+SELECT id, table_schema, table_name, op, created_at, attempt, errors
+FROM {schema}."event" WHERE status = 'failed' ORDER BY id LIMIT %s
+
+-- name: retry_failed
+UPDATE {schema}."event" SET status = 'pending', attempt = 0, run_after = NULL, handled_at = NULL
+WHERE status = 'failed' AND (%s OR id = ANY(%s))
+
+-- name: register_listener
+-- Listener registration and the idle flag writers read.
+DELETE FROM {schema}."listener"
+WHERE pid NOT IN (SELECT pid FROM pg_catalog.pg_stat_activity WHERE pid IS NOT NULL);
+INSERT INTO {schema}."listener" (pid, idle) VALUES (pg_catalog.pg_backend_pid(), false)
+ON CONFLICT (pid) DO UPDATE SET idle = false, since = now();
+
+-- name: set_listener_idle
+UPDATE {schema}."listener" SET idle = %s, since = now() WHERE pid = pg_catalog.pg_backend_pid()
+
+-- name: unregister_listener
+DELETE FROM {schema}."listener" WHERE pid = pg_catalog.pg_backend_pid()
+
+-- name: broadcast_start
+-- Broadcast: every listener reads, in commit-safe order, what committed
+-- transactions wrote. Only transactions older than the snapshot's xmin are
+-- read, so one that commits late can never be skipped.
+SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text AS txid
+
+-- name: read_broadcast
+SELECT txid::text AS txid, id, table_schema, table_name, op, old::text AS old, new::text AS new, created_at
+FROM (
+    SELECT b.*, sum(b.size) OVER (ORDER BY txid, id) - b.size AS bytes_before
+    FROM (
+        SELECT txid, id, table_schema, table_name, op, old, new, created_at,
+               coalesce(size, coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0)) AS size
+        FROM {schema}."broadcast"
+        WHERE (txid, id) > (%s::xid8, %s)
+          AND txid < pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())
+        ORDER BY txid, id
+        LIMIT %s
+    ) AS b
+) AS m
+WHERE bytes_before < %s
+ORDER BY txid, id
+
+-- name: purge_broadcast
+DELETE FROM {schema}."broadcast" WHERE created_at < now() - %s * interval '1 second'
+
+-- name: vacuum_events
+-- Autovacuum wakes once a minute: at thousands of events a second the event
+-- table would grow by a minute of deleted rows between its visits, so the
+-- listener vacuums it itself (skipped with a warning if its role may not).
+VACUUM (SKIP_LOCKED) {schema}."event"

@@ -1,0 +1,214 @@
+-- DDL of flask-pgevents: the event schema, the capture functions and role,
+-- the triggers, and the grants of a listening role.
+--
+-- Each block starts with a "-- name: <block>" line and is rendered by
+-- flask_pgevents.sql.render(), which fills the {placeholders} with quoted
+-- identifiers and literals. No row value is ever put into SQL text.
+
+-- name: create_schema
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}."event" (
+    id bigint GENERATED ALWAYS AS IDENTITY,
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    op text NOT NULL,
+    old json,
+    new json,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    status text NOT NULL DEFAULT 'pending',
+    attempt integer NOT NULL DEFAULT 0,
+    run_after timestamptz,
+    done_handlers text[],  -- NULL until a handler of a failed attempt succeeded: no bytes per row
+    errors jsonb,
+    handled_at timestamptz,
+    size integer  -- bytes of old and new as text: claims are bounded by PGEVENTS_BATCH_BYTES
+);
+-- The one index: every hot query reads pending events by id. Handled events
+-- are deleted (or kept for PGEVENTS_RETENTION) and never slow the claim.
+CREATE INDEX IF NOT EXISTS "event_pending" ON {schema}."event" (id) WHERE status = 'pending';
+-- Changes for broadcast handlers, which every listening process reads and
+-- none claims. Unlogged and short-lived: broadcast is at most once.
+CREATE UNLOGGED TABLE IF NOT EXISTS {schema}."broadcast" (
+    id bigint NOT NULL DEFAULT nextval({event_id_sequence}::regclass),
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    op text NOT NULL,
+    old json,
+    new json,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    size integer
+);
+CREATE INDEX IF NOT EXISTS "broadcast_order" ON {schema}."broadcast" (txid, id);
+-- Tables made by flask-pgevents 0.1 have no size column yet.
+DO $pgevents$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_catalog.pg_attribute
+        WHERE attrelid = {event_table}::pg_catalog.regclass AND attname = 'size'
+    ) THEN
+        ALTER TABLE {schema}."event" ADD COLUMN size integer;
+        ALTER TABLE {schema}."broadcast" ADD COLUMN size integer;
+    END IF;
+END
+$pgevents$;
+-- Listeners that sleep, waiting for a NOTIFY. Writers notify only when one
+-- does: NOTIFY serializes every notifying commit in the cluster.
+CREATE UNLOGGED TABLE IF NOT EXISTS {schema}."listener" (
+    pid integer PRIMARY KEY,
+    idle boolean NOT NULL DEFAULT false,
+    since timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: capture_function_header
+-- Functions run as their owner (SECURITY DEFINER) so that a role which may
+-- write the table but not the event table still writes successfully, and with
+-- a fixed search_path so that no caller can redirect what they reference.
+-- The writer's output settings are pinned too: to_json() formats intervals,
+-- bytea and floats with them, and the decoder expects the defaults.
+CREATE OR REPLACE FUNCTION {schema}.{function}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET IntervalStyle = postgres SET bytea_output = hex SET extra_float_digits = 1
+AS $pgevents$
+
+-- name: capture_insert
+-- The capture bodies. Rows are stored as json, not jsonb: fewer bytes per
+-- event (less WAL for every write) and the values' exact text (a json
+-- column's 1e16 stays 1e16). Updates compare that text: json has no equality
+-- operator, and the same values always render the same text (the output
+-- settings are pinned in the header). Each event row records its size
+-- (pg_column_size of a value just built is its length, in O(1)), so that a
+-- claim can be bounded by bytes.
+--
+-- The bodies see the user's columns: "#variable_conflict use_variable" keeps
+-- a column named like a PL/pgSQL variable (tg_table_name, ...) from making
+-- the write fail, and "alias.*" is a whole-row reference even when the table
+-- has a column named like the alias. {guard} is empty for queued events.
+#variable_conflict use_variable
+BEGIN{guard}
+    INSERT INTO {schema}.{target} (table_schema, table_name, op, new, size)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', n.j, pg_column_size(n.j)
+    FROM (SELECT to_json(x.*) AS j FROM pgevents_new AS x) AS n;
+    IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
+        PERFORM pg_notify({channel}, '');
+    END IF;
+    RETURN NULL;
+END
+
+-- name: capture_update
+-- Transition tables hold old and new rows in the same order, so pairing
+-- them by position works for every key, composite keys and no key at all.
+#variable_conflict use_variable
+BEGIN{guard}
+    INSERT INTO {schema}.{target} (table_schema, table_name, op, old, new, size)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', o.j, n.j, pg_column_size(o.j) + pg_column_size(n.j)
+    FROM (SELECT row_number() OVER () AS rn, to_json(x.*) AS j FROM pgevents_old AS x) AS o
+    JOIN (SELECT row_number() OVER () AS rn, to_json(x.*) AS j FROM pgevents_new AS x) AS n
+        USING (rn)
+    WHERE CASE
+        WHEN TG_NARGS = 0 THEN o.j::text <> n.j::text
+        ELSE EXISTS (
+            SELECT FROM unnest(TG_ARGV) AS c(name)
+            WHERE (o.j -> c.name)::text IS DISTINCT FROM (n.j -> c.name)::text
+        )
+    END
+    ORDER BY rn;
+    IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
+        PERFORM pg_notify({channel}, '');
+    END IF;
+    RETURN NULL;
+END
+
+-- name: capture_delete
+#variable_conflict use_variable
+BEGIN{guard}
+    INSERT INTO {schema}.{target} (table_schema, table_name, op, old, size)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', o.j, pg_column_size(o.j)
+    FROM (SELECT to_json(x.*) AS j FROM pgevents_old AS x) AS o;
+    IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
+        PERFORM pg_notify({channel}, '');
+    END IF;
+    RETURN NULL;
+END
+
+-- name: broadcast_guard
+-- Broadcast rows are written only while some listener is registered: nobody
+-- would read them, nor purge them.
+
+    IF NOT EXISTS (SELECT FROM {schema}."listener") THEN
+        RETURN NULL;
+    END IF;
+
+-- name: revoke_function
+-- The capture functions run as their owner, which every table owner whose
+-- table is watched can make run code (a column type with a cast to json). So
+-- no role but their owner may attach them to a table, and their owner is a
+-- NOLOGIN role that may do nothing but write events.
+REVOKE ALL ON FUNCTION {schema}.{function}() FROM PUBLIC;
+
+-- name: create_capture_role
+DO $pgevents$
+BEGIN
+    CREATE ROLE {role} NOLOGIN;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN
+    NULL;  -- made meanwhile by an install into another database of the cluster
+END
+$pgevents$;
+
+-- name: join_capture_role
+-- A role made by a non-superuser with CREATEROLE: the installer must be able
+-- to act as it, to give it the functions and to replace them later.
+GRANT {role} TO CURRENT_USER;
+
+-- name: grant_capture_role
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT INSERT (table_schema, table_name, op, old, new, size) ON {schema}."event" TO {role};
+GRANT INSERT (table_schema, table_name, op, old, new, size) ON {schema}."broadcast" TO {role};
+GRANT USAGE ON SEQUENCE {schema}."event_id_seq" TO {role};
+GRANT SELECT (idle) ON {schema}."listener" TO {role};
+GRANT CREATE ON SCHEMA {schema} TO {role};
+
+-- name: own_function
+ALTER FUNCTION {schema}.{function}() OWNER TO {role};
+
+-- name: end_capture_grants
+-- CREATE was needed only to take ownership.
+REVOKE CREATE ON SCHEMA {schema} FROM {role};
+
+-- name: create_trigger
+DROP TRIGGER IF EXISTS {trigger} ON {table};
+CREATE TRIGGER {trigger} AFTER {operation} ON {table}
+REFERENCING {transition_tables}
+FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{function}({arguments});
+
+-- name: drop_trigger
+DROP TRIGGER IF EXISTS {trigger} ON {table};
+
+-- name: lock_install
+-- Taken first in the install and uninstall transactions: processes that
+-- install at once (each worker at start-up) wait for each other instead of
+-- failing on CREATE SCHEMA IF NOT EXISTS or CREATE OR REPLACE FUNCTION.
+SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext({lock}));
+
+-- name: drop_schema
+DROP SCHEMA IF EXISTS {schema} CASCADE;
+
+-- name: listener_grants
+-- What a role that only listens needs (flask pgevents grant-listener): read
+-- and settle events, and nothing more. It may not insert an event nor change
+-- what one says (table, operation, rows), so it cannot forge one.
+REVOKE ALL ON SCHEMA {schema} FROM {role};
+REVOKE ALL ON {schema}."event", {schema}."broadcast", {schema}."listener" FROM {role};
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT (id, table_schema, table_name, op, old, new, size, created_at, status, attempt,
+              run_after, done_handlers, handled_at) ON {schema}."event" TO {role};
+GRANT UPDATE (status, attempt, run_after, done_handlers, errors, handled_at) ON {schema}."event" TO {role};
+GRANT DELETE ON {schema}."event" TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}."listener" TO {role};
+
+-- name: listener_broadcast_grants
+GRANT SELECT (txid, id, table_schema, table_name, op, old, new, size, created_at), DELETE ON {schema}."broadcast" TO {role};
+
+-- name: listener_vacuum_grant
+-- PostgreSQL 17 lets a role that does not own a table vacuum it.
+GRANT MAINTAIN ON {schema}."event" TO {role};
