@@ -135,7 +135,7 @@ def status() -> None:
         click.echo("  (no handlers registered)")
     width = max((len(str(t.table)) for t in report), default=0)
     for trig in report:
-        click.echo(f"  {str(trig.table):<{width}}  {trig.kind:<6}  {trig.state}")
+        click.echo(f"  {trig.table!s:<{width}}  {trig.kind:<6}  {trig.state}")
     if backlog is None:
         click.echo("Backlog: event table missing; run 'flask pgevents install-triggers'.")
     else:

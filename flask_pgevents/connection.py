@@ -5,6 +5,7 @@ LISTENs, claims events and must never be handed to application code.
 """
 from __future__ import annotations
 
+import contextlib
 import select
 from typing import Any, Optional
 
@@ -48,7 +49,7 @@ def sqlstate(exc: BaseException) -> Optional[str]:
 
 
 
-def parse_database_url(uri: "str | URL", source: str) -> URL:
+def parse_database_url(uri: str | URL, source: str) -> URL:
     """Parse and check a database URI; only PostgreSQL is accepted.
 
     :param source: the config key the URI came from, named in errors.
@@ -153,14 +154,12 @@ class Connection:
         select.select(watched, [], [], timeout)
         return self.take_notifications() > 0
 
-    def __enter__(self) -> "Connection":
+    def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing a broken connection may fail
             self.raw.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail
-            pass

@@ -7,6 +7,7 @@ Handled events are deleted (or marked done) in that same transaction.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,7 +20,7 @@ from .connection import CONNECTION_ERRORS, Connection
 from .events import Event, load_row
 from .pacing import Backoff
 from .registry import BROADCAST_PREFIX, Subscription
-from .store import StoredEvent, Store, subscription_key
+from .store import Store, StoredEvent, subscription_key
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -147,10 +148,8 @@ class Dispatcher:
     @staticmethod
     def _rollback(store: Store) -> None:
         if not store.conn.closed:
-            try:
+            with contextlib.suppress(*CONNECTION_ERRORS):
                 store.rollback()
-            except CONNECTION_ERRORS:
-                pass
 
     def _unsettled(
         self, store: Store, events: list[StoredEvent], exc: Exception, stop: Optional[threading.Event]
@@ -184,7 +183,7 @@ class Dispatcher:
                 done = set(stored.done_handlers)
                 try:
                     event = self.event(stored, attempt)
-                except Exception as exc:  # noqa: BLE001 - one bad row must not block the queue
+                except Exception as exc:
                     logger.exception(
                         "Event %s (%s on %s) could not be decoded; it is retried like a failed handler.",
                         stored.id, stored.op, stored.table,
@@ -199,7 +198,9 @@ class Dispatcher:
                     handled.append(stored.id)
         return handled, failures
 
-    def call_handlers(self, event: Event, subscriptions: Iterable[Subscription], done: Optional[set[str]] = None) -> Errors:
+    def call_handlers(
+        self, event: Event, subscriptions: Iterable[Subscription], done: Optional[set[str]] = None
+    ) -> Errors:
         """Call each subscription that wants the event; return the errors by handler name.
 
         :param done: gets the name of each handler that succeeded.
@@ -210,7 +211,7 @@ class Dispatcher:
                 continue
             try:
                 sub.handler(event)
-            except Exception as exc:  # noqa: BLE001 - any handler error is recorded
+            except Exception as exc:
                 logger.exception(
                     "Handler %s failed for event %s (%s on %s, attempt %s).",
                     sub.name, event.id, event.op, event.table, event.attempt,
@@ -250,12 +251,13 @@ class Dispatcher:
                 self._record(store, failure)
             except CONNECTION_ERRORS:
                 raise
-            except Exception as exc:  # noqa: BLE001 - recorded in a form that always stores
+            except Exception as exc:
                 store.rollback_to_savepoint()
                 logger.exception("The failure of event %s could not be recorded as it was.", failure.event_id)
                 not_stored = {"error": "(not stored)", "traceback": ""}
+                refused = f"{type(exc).__name__}: the handlers' errors could not be stored"
                 self._record(store, dataclasses.replace(failure, errors={
-                    RECORD_STEP: {"error": f"{type(exc).__name__}: the handlers' errors could not be stored", "traceback": ""},
+                    RECORD_STEP: {"error": refused, "traceback": ""},
                     **{storable(step): not_stored for step in failure.errors},
                 }))
             store.release_savepoint()
@@ -312,8 +314,10 @@ class Dispatcher:
                     continue
                 try:
                     event = self.event(stored, 1)
-                except Exception:  # noqa: BLE001 - broadcast is at most once: log and go on
-                    logger.exception("Broadcast event %s (%s on %s) could not be decoded.", stored.id, stored.op, stored.table)
+                except Exception:
+                    logger.exception(
+                        "Broadcast event %s (%s on %s) could not be decoded.", stored.id, stored.op, stored.table
+                    )
                     continue
                 # Broadcast handlers are not retried: their errors are only logged.
                 self.call_handlers(event, subscriptions)

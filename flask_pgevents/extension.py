@@ -40,7 +40,7 @@ class PGEvents:
     def __init__(self, app: Optional[Flask] = None, *, db: Any = None) -> None:
         self.registry = Registry()
         self._db = db
-        self._apps: "weakref.WeakSet[Flask]" = weakref.WeakSet()
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             self.init_app(app)
 
@@ -147,7 +147,7 @@ class PGEvents:
                     "Working outside of application context: pass app=..., or run"
                     " inside 'with app.app_context():'."
                 )
-        state = app.extensions.get("pgevents")
+        state: Optional[AppState] = app.extensions.get("pgevents")
         if state is None or state.extension is not self:
             raise RuntimeError(
                 "The current Flask app is not registered with this 'PGEvents' instance."

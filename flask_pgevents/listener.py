@@ -7,6 +7,7 @@ handles a batch, and :class:`Housekeeping` purges and vacuums.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -140,10 +141,8 @@ class Listener:
         self._stop.set()
         wake = self._wake
         if wake is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.write(wake[1], b"x")
-            except OSError:
-                pass
 
     def run(self) -> None:
         """Listen and dispatch until stopped; reconnect after connection loss."""

@@ -74,7 +74,7 @@ class Backoff:
 
     def delay(self, failures: int) -> float:
         """The delay after ``failures`` consecutive failures (1 for the first)."""
-        ceiling = min(self.maximum, self.initial * (2 ** max(failures - 1, 0)))
+        ceiling = min(self.maximum, self.initial * 2.0 ** max(failures - 1, 0))
         return ceiling * random.uniform(self.jitter, 1.0)
 
     def next_delay(self) -> float:

@@ -48,7 +48,7 @@ class AppState:
         self.extension = extension
         self.registry: Registry = extension.registry
         self._app_ref = weakref.ref(app)
-        self.db = db
+        self.db: Any = db
         self.config = Config.from_mapping(app.config)
         self.url = database_url(app, db)
         self.triggers = TriggerManager(self.config.schema, self.config.capture_role)
@@ -74,7 +74,7 @@ class AppState:
 
     def dispose_inherited_engines(self) -> None:
         """After a fork: drop the parent's pooled connections without closing them."""
-        if self.db is not None and self.app.extensions.get("sqlalchemy") is self.db:
+        if _has_engines(self.app, self.db):
             with self.app.app_context():
                 for engine in self.db.engines.values():
                     engine.dispose(close=False)
@@ -84,7 +84,7 @@ class AppState:
         if self.db is not None:
             try:
                 self.db.session.rollback()
-            except Exception:  # noqa: BLE001 - a broken session must not stop dispatch
+            except Exception:
                 logger.debug("Rolling back the session after a handler error failed.", exc_info=True)
 
     def table_info(self, key: TableKey) -> TableInfo:
@@ -130,6 +130,11 @@ def _safe_search_path(dbapi_connection: Any, connection_record: Any) -> None:
     dbapi_connection.autocommit = autocommit
 
 
+def _has_engines(app: Flask, db: Any) -> bool:
+    """Whether ``db`` is the Flask-SQLAlchemy instance set up on ``app``."""
+    return db is not None and app.extensions.get("sqlalchemy") is db
+
+
 def _find_model(db: Any, key: TableKey) -> Optional[type]:
     registry = getattr(getattr(db, "Model", None), "registry", None)
     for mapper in getattr(registry, "mappers", ()):
@@ -148,7 +153,7 @@ def database_url(app: Flask, db: Any) -> URL:
     uri = app.config.get("PGEVENTS_DATABASE_URI")
     if uri:
         return parse_database_url(uri, "PGEVENTS_DATABASE_URI")
-    if db is not None and app.extensions.get("sqlalchemy") is db:
+    if _has_engines(app, db):
         with app.app_context():
             engine = db.engines.get(None)
         if engine is not None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional, Sequence
 
+from .config import trigger_name
 from .errors import MissingTableError, UnknownColumnError, UnknownRoleError
 from .registry import TRIGGER_KINDS, TableKey, TriggerKey, TriggerSet, is_broadcast, op_of, trigger_order
-from .config import trigger_name
 from .sql import quote_ident, quote_literal, render
 from .store import CaptureRoleState, TriggerRow
 
