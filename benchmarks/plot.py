@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 logger = logging.getLogger("benchmarks.plot")
 
@@ -56,7 +56,7 @@ def plot_latency(report: dict[str, Any], path: str) -> bool:
     for colour, (variant, curve) in zip(COLOURS, curves.items()):
         label = f"{variant} (n={samples[variant]:,})" if variant in samples else variant
         cdf_axis.plot([v for _, v in curve], [q for q, _ in curve], label=label, color=colour)
-        by_percentile = dict((q, v) for q, v in curve)
+        by_percentile = dict(curve)
         left_edge = min(left_edge, by_percentile.get(1.0, 0.0))
         right_edge = max(right_edge, by_percentile.get(99.5, 0.0))
         tail = [(q, v) for q, v in curve if q >= 50]
@@ -88,7 +88,7 @@ def plot_latency(report: dict[str, Any], path: str) -> bool:
 
 
 def plot_writers(report: dict[str, Any], path: str) -> bool:
-    """Writer TPS against the number of concurrent writers, per variant, with min–max bars."""
+    """Writer TPS against the number of concurrent writers, per variant, with min-max bars."""
     scenario = report.get("scenarios", {}).get("writers")
     if not scenario or "extra" not in scenario:
         logger.warning("No writers results in the JSON; %s not written.", path)
@@ -108,7 +108,7 @@ def plot_writers(report: dict[str, Any], path: str) -> bool:
     axis.set_xticks(counts)
     axis.set_xticklabels([str(c) for c in counts])
     axis.set_xlabel("concurrent single-row writers")
-    axis.set_ylabel("commits/s (median, bars: min–max)")
+    axis.set_ylabel("commits/s (median, bars: min–max)")  # noqa: RUF001
     axis.set_ylim(bottom=0)
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)

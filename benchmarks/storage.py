@@ -101,7 +101,7 @@ def run(dsn: str, events: int, retention: float, chunk: int) -> dict[str, Any]:
     sampler.join()
     pgevents.stop(timeout=10, app=app)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        final_size, final_rows, final_dead = conn.execute(SIZE_SQL).fetchone()
+        final_size, final_rows, _final_dead = conn.execute(SIZE_SQL).fetchone()
     return {
         "events": events,
         "retention_s": retention,

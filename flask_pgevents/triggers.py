@@ -30,14 +30,14 @@ def function_name(kind: str) -> str:
 
 def function_body(schema: str, kind: str) -> str:
     """The exact source PostgreSQL stores for a capture function (``prosrc``)."""
-    quoted = quote_ident(schema)
+    quoted, channel = quote_ident(schema), quote_literal(schema)
     guard = "\n" + render("broadcast_guard", schema=quoted) if is_broadcast(kind) else ""
     return "\n" + render(
         f"capture_{op_of(kind)}",
         schema=quoted,
-        channel=quote_literal(schema),
         target='"broadcast"' if is_broadcast(kind) else '"event"',
         guard=guard,
+        wake=render("capture_wake", schema=quoted, channel=channel),
     ) + "\n"
 
 

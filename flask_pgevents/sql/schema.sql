@@ -89,10 +89,7 @@ BEGIN{guard}
     INSERT INTO {schema}.{target} (table_schema, table_name, op, new, size)
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', n.j, pg_column_size(n.j)
     FROM (SELECT to_json(x.*) AS j FROM pgevents_new AS x) AS n;
-    IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
-        PERFORM pg_notify({channel}, '');
-    END IF;
-    RETURN NULL;
+{wake}
 END
 
 -- name: capture_update
@@ -113,10 +110,7 @@ BEGIN{guard}
         )
     END
     ORDER BY rn;
-    IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
-        PERFORM pg_notify({channel}, '');
-    END IF;
-    RETURN NULL;
+{wake}
 END
 
 -- name: capture_delete
@@ -125,11 +119,15 @@ BEGIN{guard}
     INSERT INTO {schema}.{target} (table_schema, table_name, op, old, size)
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', o.j, pg_column_size(o.j)
     FROM (SELECT to_json(x.*) AS j FROM pgevents_old AS x) AS o;
+{wake}
+END
+
+-- name: capture_wake
+-- The end of every capture body: wake a sleeping listener, if there is one.
     IF FOUND AND EXISTS (SELECT FROM {schema}."listener" WHERE idle) THEN
         PERFORM pg_notify({channel}, '');
     END IF;
     RETURN NULL;
-END
 
 -- name: broadcast_guard
 -- Broadcast rows are written only while some listener is registered: nobody
