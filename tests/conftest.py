@@ -2,6 +2,7 @@
 a fresh database per test, both drivers, and app factories."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -84,6 +85,14 @@ def make_role(libpq_url: str, other_service: psycopg.Connection) -> Iterator[Cal
     for name in created:
         other_service.execute(f'DROP OWNED BY "{name}" CASCADE')
         other_service.execute(f'DROP ROLE "{name}"')
+
+
+@contextlib.contextmanager
+def raises(error_class: type[BaseException], message: str) -> Iterator[None]:
+    """Like pytest.raises, and the message must be exactly ``message``."""
+    with pytest.raises(error_class) as info:
+        yield
+    assert str(info.value) == message
 
 
 def role_url(url: str, role: str) -> str:

@@ -32,7 +32,7 @@ from flask_sqlalchemy import SQLAlchemy
 from conftest import wait_until, wait_while_running
 from flask_pgevents import PGEvents
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "gunicorn_app.py"
 LISTENER = "pgevents-listener"
 

@@ -14,11 +14,14 @@ from typing import Any, Iterator
 import psycopg
 import pytest
 
-import reliability_app
 from conftest import thing_app, wait_until
 from flask_pgevents.embedded import EmbeddedPostgres
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import reliability_app
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: The reliability app, as `flask --app` takes it from ROOT.
+RELIABILITY_APP = "tests/acceptance/reliability_app.py:create_app"
 
 
 def listener_backends(conn: psycopg.Connection) -> list[int]:
@@ -39,7 +42,7 @@ class Listeners:
     def start(self, **env: str) -> subprocess.Popen[str]:
         log = tempfile.TemporaryFile("w+")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "tests/reliability_app.py:create_app", "pgevents", "listen"],
+            [sys.executable, "-m", "flask", "--app", RELIABILITY_APP, "pgevents", "listen"],
             cwd=ROOT,
             env={**os.environ, "DATABASE_URL": self.database_url, **env},
             stdout=log,
@@ -330,7 +333,7 @@ def test_retention_keeps_handled_events_then_purges_them(make_app, other_service
 EXIT_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, "tests")
-import reliability_app
+from acceptance import reliability_app
 app = reliability_app.create_app()
 reliability_app.pgevents.start(app)
 import psycopg

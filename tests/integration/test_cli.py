@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from conftest import thing_app, wait_until, wait_while_running
 from flask_pgevents.cli import pgevents_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "gunicorn_app.py"
 SECRET = "Pw0rdNotForOutput7c1e"
 _roles = itertools.count()
@@ -272,7 +272,7 @@ def test_failed_lists_errors_and_retry_reruns_only_the_handlers_that_failed(make
     lines = result.output.splitlines()
     assert len(lines) == 4, result.output
     assert re.fullmatch(rf"event {first}: insert on public\.thing, 1 attempt\(s\), at \S+", lines[0])
-    assert re.fullmatch(r"  test_cli\.\S*handler#2: RuntimeError: mail is down", lines[1])
+    assert re.fullmatch(r"  integration\.test_cli\.\S*handler#2: RuntimeError: mail is down", lines[1])
     assert lines[2].startswith(f"event {second}: insert on public.thing")
     assert "Failed: 2" in invoke(app, "status").output
 

@@ -1,0 +1,517 @@
+"""triggers.py: who owns the capture functions, the DDL install and uninstall run,
+how installed triggers compare with what the handlers need, and listener grants.
+
+TriggerManager runs no query: what it knows of the database comes in as
+store rows (CaptureRoleState, TriggerRow), built here by hand.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+import pytest
+from conftest import raises
+
+from flask_pgevents import MissingTableError, UnknownColumnError, UnknownRoleError
+from flask_pgevents.registry import TRIGGER_KINDS, TableKey
+from flask_pgevents.sql import quote_ident, quote_literal, render
+from flask_pgevents.store import CaptureRoleState, TriggerRow
+from flask_pgevents.triggers import (
+    CaptureOwner,
+    InstalledTrigger,
+    TriggerManager,
+    TriggerStatus,
+    function_body,
+    function_name,
+)
+
+USER = TableKey("public", "user")
+LEDGER = TableKey("public", "ledger")
+ENTRY = TableKey("audit", "entry")
+MANAGER = TriggerManager("pgevents", "pgevents_capture")
+OWNED = CaptureOwner("pgevents_capture")
+KEPT = CaptureOwner(None)
+
+
+def role_state(
+    *, superuser: bool = False, createrole: bool = False, role_exists: bool = False, is_member: bool = False
+) -> CaptureRoleState:
+    return CaptureRoleState(
+        installer="app", superuser=superuser, createrole=createrole, role_exists=role_exists, is_member=is_member
+    )
+
+
+def row(
+    table: TableKey, kind: str, *, name: Optional[str] = None, source: Optional[str] = None,
+    arguments: tuple[str, ...] = (), enabled: bool = True, schema: str = "pgevents",
+) -> TriggerRow:
+    """A catalog row of a trigger as install-triggers creates it, unless told otherwise."""
+    return TriggerRow(
+        table=table,
+        name=f"{schema}_{kind}" if name is None else name,
+        function=function_name(kind),
+        arguments=arguments,
+        source=function_body(schema, kind) if source is None else source,
+        enabled=enabled,
+    )
+
+
+def installed(
+    table: TableKey, kind: str, columns: Optional[frozenset[str]] = None, *, current: bool = True,
+    enabled: bool = True,
+) -> InstalledTrigger:
+    return InstalledTrigger(table, kind, f"pgevents_{kind}", columns, current, enabled)
+
+
+# Who owns the capture functions -------------------------------------------------------
+
+
+SUPERUSER_WARNING = (
+    "install-triggers runs as the superuser 'app'. The capture functions are given to the"
+    " NOLOGIN role 'pgevents_capture', which may only write events, but the event schema and"
+    " its tables now belong to a superuser. Install as the role that owns your tables instead"
+    " (see 'Security' in the README)."
+)
+
+
+@pytest.mark.parametrize("role_exists", [True, False])
+def test_a_superuser_gives_the_functions_to_the_capture_role_and_is_warned(role_exists):
+    owner = MANAGER.capture_owner(role_state(superuser=True, role_exists=role_exists, is_member=role_exists))
+    assert owner == CaptureOwner(
+        "pgevents_capture", create=not role_exists, join=False, warnings=(SUPERUSER_WARNING,)
+    )
+
+
+@pytest.mark.parametrize("createrole", [True, False])
+def test_a_member_of_the_existing_capture_role_gives_it_the_functions_silently(createrole):
+    owner = MANAGER.capture_owner(role_state(createrole=createrole, role_exists=True, is_member=True))
+    assert owner == CaptureOwner("pgevents_capture", create=False, join=False, warnings=())
+
+
+def test_a_createrole_installer_creates_the_capture_role_and_joins_it():
+    owner = MANAGER.capture_owner(role_state(createrole=True))
+    assert owner == CaptureOwner("pgevents_capture", create=True, join=True, warnings=())
+
+
+def test_an_installer_that_may_not_create_the_role_keeps_the_functions_and_is_told_the_fix():
+    owner = MANAGER.capture_owner(role_state())
+    assert owner == CaptureOwner(None, warnings=(
+        "The capture functions stay owned by 'app', which may not create the NOLOGIN role"
+        " 'pgevents_capture': the owner of a watched table could run code as 'app' through a"
+        " column type's cast. To confine them, have a superuser run 'CREATE ROLE"
+        ' "pgevents_capture" NOLOGIN; GRANT "pgevents_capture" TO "app";\', then install again.',
+    ))
+
+
+@pytest.mark.parametrize("createrole", [True, False])
+def test_an_installer_that_may_not_act_as_the_existing_role_keeps_the_functions_and_is_told_the_fix(
+    createrole,
+):
+    owner = MANAGER.capture_owner(role_state(createrole=createrole, role_exists=True))
+    assert owner == CaptureOwner(None, warnings=(
+        "The capture functions stay owned by 'app', which may not act as the NOLOGIN role"
+        " 'pgevents_capture': the owner of a watched table could run code as 'app' through a"
+        " column type's cast. To confine them, have a superuser run 'GRANT \"pgevents_capture\""
+        ' TO "app";\', then install again.',
+    ))
+
+
+def test_the_fix_statement_quotes_the_role_names():
+    manager = TriggerManager("pgevents", 'Capture "Role"')
+    state = CaptureRoleState(installer="App Owner", superuser=False, createrole=False, role_exists=False,
+                             is_member=False)
+    [warning] = manager.capture_owner(state).warnings
+    assert (
+        "have a superuser run 'CREATE ROLE \"Capture \"\"Role\"\"\" NOLOGIN; GRANT \"Capture \"\"Role\"\"\""
+        " TO \"App Owner\";', then install again." in warning
+    )
+
+
+# The event schema and the capture functions ------------------------------------------------
+
+
+def function_statements(statements: list[str]) -> dict[str, str]:
+    """The body of each CREATE FUNCTION statement, by function name."""
+    bodies = {}
+    for statement in statements:
+        match = re.fullmatch(
+            r'CREATE OR REPLACE FUNCTION "pgevents"\.(\w+)\(\) RETURNS trigger\n.*?AS \$pgevents\$(.*)\$pgevents\$;',
+            statement, re.DOTALL,
+        )
+        if match:
+            bodies[match[1]] = match[2]
+    return bodies
+
+
+@pytest.mark.parametrize("owner", [OWNED, KEPT, CaptureOwner("pgevents_capture", create=True, join=True)])
+def test_each_capture_function_is_created_with_the_source_that_installed_compares(owner):
+    statements = MANAGER.schema_sql(owner)
+    assert function_statements(statements) == {
+        function_name(kind): function_body("pgevents", kind) for kind in TRIGGER_KINDS
+    }
+
+
+@pytest.mark.parametrize("owner", [OWNED, KEPT])
+def test_no_capture_function_may_be_executed_by_public(owner):
+    statements = MANAGER.schema_sql(owner)
+    revokes = [s for s in statements if s.startswith("REVOKE ALL ON FUNCTION")]
+    assert revokes == [
+        f'REVOKE ALL ON FUNCTION "pgevents".{function_name(kind)}() FROM PUBLIC;' for kind in TRIGGER_KINDS
+    ]
+    # Each right after its function is created.
+    for kind in TRIGGER_KINDS:
+        revoke = statements.index(f'REVOKE ALL ON FUNCTION "pgevents".{function_name(kind)}() FROM PUBLIC;')
+        assert statements[revoke - 1].startswith(f'CREATE OR REPLACE FUNCTION "pgevents".{function_name(kind)}()')
+
+
+def test_the_capture_role_owns_the_functions_and_may_only_write_events():
+    statements = MANAGER.schema_sql(OWNED)
+    owners = [s for s in statements if s.startswith("ALTER FUNCTION")]
+    assert owners == [
+        f'ALTER FUNCTION "pgevents".{function_name(kind)}() OWNER TO "pgevents_capture";'
+        for kind in TRIGGER_KINDS
+    ]
+    grants = statements.index(render("grant_capture_role", schema='"pgevents"', role='"pgevents_capture"'))
+    # Granted before it takes the functions (it needs CREATE on the schema), revoked once it has.
+    assert grants < min(statements.index(s) for s in owners)
+    assert statements[-1] == 'REVOKE CREATE ON SCHEMA "pgevents" FROM "pgevents_capture";'
+    assert statements[0].startswith('CREATE SCHEMA IF NOT EXISTS "pgevents";')
+    assert not any("CREATE ROLE" in s or "TO CURRENT_USER" in s for s in statements)
+
+
+def test_without_a_capture_role_the_installer_keeps_the_functions():
+    statements = MANAGER.schema_sql(KEPT)
+    assert len(statements) == 1 + 2 * len(TRIGGER_KINDS)
+    assert not any(
+        s.startswith(("ALTER FUNCTION", "GRANT", "REVOKE CREATE")) or "pgevents_capture" in s for s in statements
+    )
+
+
+def test_a_capture_role_to_create_is_created_then_joined_before_it_is_granted_anything():
+    statements = MANAGER.schema_sql(CaptureOwner("pgevents_capture", create=True, join=True))
+    assert statements[1:4] == [
+        render("create_capture_role", role='"pgevents_capture"'),
+        'GRANT "pgevents_capture" TO CURRENT_USER;',
+        render("grant_capture_role", schema='"pgevents"', role='"pgevents_capture"'),
+    ]
+    assert 'CREATE ROLE "pgevents_capture" NOLOGIN;' in statements[1]
+    superuser = MANAGER.schema_sql(CaptureOwner("pgevents_capture", create=True))
+    assert "TO CURRENT_USER" not in "".join(superuser)
+
+
+def test_the_event_schema_name_is_quoted_everywhere():
+    manager = TriggerManager('My "Events"', "capture")
+    sql = "\n".join(manager.schema_sql(CaptureOwner("capture")))
+    assert 'CREATE SCHEMA IF NOT EXISTS "My ""Events""";' in sql
+    assert 'nextval(\'"My ""Events"""."event_id_seq"\'::regclass)' in sql
+    assert "pgevents\"" not in sql.replace("$pgevents$", "")
+
+
+@pytest.mark.parametrize("kind", TRIGGER_KINDS)
+def test_capture_bodies_write_to_their_table_and_wake_listeners_on_the_schema_channel(kind):
+    body = function_body("pgevents", kind)
+    table = '"pgevents"."broadcast"' if kind.startswith("broadcast_") else '"pgevents"."event"'
+    other = '"pgevents"."event"' if kind.startswith("broadcast_") else '"pgevents"."broadcast"'
+    assert body.startswith("\n") and body.endswith("\n")
+    assert f"INSERT INTO {table} (" in body and f"INSERT INTO {other}" not in body
+    assert f"'{kind.replace('broadcast_', '')}'" in body  # the op stored
+    assert "PERFORM pg_notify('pgevents', '');" in body
+
+
+@pytest.mark.parametrize("kind", TRIGGER_KINDS)
+def test_only_broadcast_bodies_skip_writing_while_no_listener_is_registered(kind):
+    guard = 'IF NOT EXISTS (SELECT FROM "pgevents"."listener") THEN\n        RETURN NULL;'
+    body = function_body("pgevents", kind)
+    if kind.startswith("broadcast_"):
+        assert body.index(guard) < body.index("INSERT INTO")
+    else:
+        assert guard not in body
+
+
+@pytest.mark.parametrize("schema", ["pg\\events", "it's", 'a"b'])
+def test_capture_bodies_quote_the_channel_as_a_literal_and_the_schema_as_an_identifier(schema):
+    body = function_body(schema, "insert")
+    assert f"pg_notify({quote_literal(schema)}, '')" in body
+    assert f"INSERT INTO {quote_ident(schema)}.\"event\"" in body
+    assert "$pgevents$" not in body
+
+
+# Triggers --------------------------------------------------------------------------
+
+
+def test_a_trigger_is_replaced_by_name_with_its_transition_tables_and_watched_columns():
+    assert MANAGER.trigger_sql(USER, "insert", None) == (
+        'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";\n'
+        'CREATE TRIGGER "pgevents_insert" AFTER INSERT ON "public"."user"\n'
+        "REFERENCING NEW TABLE AS pgevents_new\n"
+        'FOR EACH STATEMENT EXECUTE FUNCTION "pgevents".capture_insert();'
+    )
+    assert MANAGER.trigger_sql(ENTRY, "update", frozenset({"name", "email"})) == (
+        'DROP TRIGGER IF EXISTS "pgevents_update" ON "audit"."entry";\n'
+        'CREATE TRIGGER "pgevents_update" AFTER UPDATE ON "audit"."entry"\n'
+        "REFERENCING OLD TABLE AS pgevents_old NEW TABLE AS pgevents_new\n"
+        "FOR EACH STATEMENT EXECUTE FUNCTION \"pgevents\".capture_update('email', 'name');"
+    )
+    assert MANAGER.trigger_sql(TableKey("Odd \"Schema\"", "it's"), "broadcast_delete", None) == (
+        'DROP TRIGGER IF EXISTS "pgevents_broadcast_delete" ON "Odd ""Schema"""."it\'s";\n'
+        'CREATE TRIGGER "pgevents_broadcast_delete" AFTER DELETE ON "Odd ""Schema"""."it\'s"\n'
+        "REFERENCING OLD TABLE AS pgevents_old\n"
+        'FOR EACH STATEMENT EXECUTE FUNCTION "pgevents".capture_broadcast_delete();'
+    )
+
+
+def test_watched_column_names_are_quoted_as_literals():
+    sql = MANAGER.trigger_sql(USER, "update", frozenset({"it's", "back\\slash"}))
+    assert sql.endswith("capture_update(E'back\\\\slash', 'it''s');")
+
+
+def test_install_locks_creates_the_schema_drops_unneeded_triggers_and_creates_needed_ones_in_order():
+    needed = {
+        (USER, "update"): frozenset({"email"}),
+        (ENTRY, "insert"): None,
+        (USER, "broadcast_insert"): None,
+        (USER, "delete"): None,
+    }
+    present = [
+        installed(USER, "delete"),  # needed: replaced by its create
+        installed(LEDGER, "insert"),  # no handler any more
+        installed(USER, "insert", current=False),  # no handler any more
+    ]
+    statements = MANAGER.install_sql(needed, present, OWNED)
+    schema_sql = MANAGER.schema_sql(OWNED)
+    assert statements[0] == (
+        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgevents install pgevents'));"
+    )
+    assert statements[1:1 + len(schema_sql)] == schema_sql
+    assert statements[1 + len(schema_sql):] == [
+        'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."ledger";',
+        'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',
+        MANAGER.trigger_sql(ENTRY, "insert", None),
+        MANAGER.trigger_sql(USER, "broadcast_insert", None),
+        MANAGER.trigger_sql(USER, "delete", None),
+        MANAGER.trigger_sql(USER, "update", frozenset({"email"})),
+    ]
+
+
+def test_install_with_no_handlers_drops_every_trigger_and_keeps_the_schema():
+    statements = MANAGER.install_sql({}, [installed(USER, "insert")], KEPT)
+    assert statements == [
+        MANAGER.lock_sql(), *MANAGER.schema_sql(KEPT), 'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',
+    ]
+
+
+def test_installs_of_two_schemas_take_different_locks():
+    assert MANAGER.lock_sql() != TriggerManager("audit_events", "c").lock_sql()
+    assert "hashtext(E'pgevents install a\\\\b')" in TriggerManager("a\\b", "c").lock_sql()
+
+
+def test_uninstall_drops_every_installed_trigger_and_the_schema_only_when_asked():
+    present = [installed(USER, "insert"), installed(ENTRY, "broadcast_update")]
+    drops = [
+        'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',
+        'DROP TRIGGER IF EXISTS "pgevents_broadcast_update" ON "audit"."entry";',
+    ]
+    assert MANAGER.uninstall_sql(present) == [MANAGER.lock_sql(), *drops]
+    assert MANAGER.uninstall_sql(present, drop_schema=True) == [
+        MANAGER.lock_sql(), *drops, 'DROP SCHEMA IF EXISTS "pgevents" CASCADE;',
+    ]
+    assert MANAGER.uninstall_sql([]) == [MANAGER.lock_sql()]
+
+
+# Installed triggers ------------------------------------------------------------------
+
+
+def test_installed_reads_the_capture_triggers_of_the_catalog():
+    rows = [
+        row(USER, "insert"),
+        row(USER, "update", arguments=("name", "email")),
+        row(ENTRY, "broadcast_delete", enabled=False),
+    ]
+    assert MANAGER.installed(rows) == [
+        InstalledTrigger(USER, "insert", "pgevents_insert", None, current=True, enabled=True),
+        InstalledTrigger(USER, "update", "pgevents_update", frozenset({"name", "email"}), True, True),
+        InstalledTrigger(ENTRY, "broadcast_delete", "pgevents_broadcast_delete", None, True, False),
+    ]
+
+
+def test_a_trigger_with_another_source_or_name_is_not_current():
+    rows = [
+        row(USER, "insert", source="\nBEGIN RETURN NULL; END\n"),  # written by an older version
+        row(USER, "delete", source=function_body("other_schema", "delete")),
+        row(USER, "update", name="legacy_update"),
+    ]
+    assert [(t.kind, t.name, t.current) for t in MANAGER.installed(rows)] == [
+        ("insert", "pgevents_insert", False),
+        ("delete", "pgevents_delete", False),
+        ("update", "legacy_update", False),
+    ]
+
+
+def test_triggers_on_other_functions_of_the_schema_are_not_capture_triggers():
+    foreign = [
+        TriggerRow(USER, "audit_log", "audit_log", (), "BEGIN END", True),
+        TriggerRow(USER, "pgevents_truncate", "capture_truncate", (), "BEGIN END", True),
+        TriggerRow(USER, "capture", "capture_", (), "BEGIN END", True),
+        TriggerRow(USER, "x", "my_capture_insert", (), function_body("pgevents", "insert"), True),
+    ]
+    assert MANAGER.installed([*foreign, row(USER, "insert")]) == [
+        InstalledTrigger(USER, "insert", "pgevents_insert", None, True, True),
+    ]
+
+
+# Status ------------------------------------------------------------------------------
+
+
+def test_status_compares_needed_and_installed_triggers():
+    needed = {
+        (USER, "insert"): None,
+        (USER, "update"): frozenset({"email"}),
+        (USER, "delete"): None,
+        (ENTRY, "insert"): None,
+        (ENTRY, "update"): frozenset({"at"}),
+        (ENTRY, "delete"): None,
+        (ENTRY, "broadcast_insert"): None,
+    }
+    present = [
+        installed(USER, "insert"),
+        installed(USER, "update", frozenset({"email"})),
+        installed(USER, "delete", current=False),  # older source
+        installed(ENTRY, "insert", enabled=False),  # disabled by hand
+        installed(ENTRY, "update", frozenset({"at", "by"})),  # watches other columns
+        installed(ENTRY, "delete", frozenset({"at"})),  # watches columns, should watch all
+        installed(LEDGER, "insert"),  # no handler any more
+    ]
+    assert MANAGER.status(needed, present) == [
+        TriggerStatus(ENTRY, "broadcast_insert", "missing"),
+        TriggerStatus(ENTRY, "delete", "outdated"),
+        TriggerStatus(ENTRY, "insert", "outdated"),
+        TriggerStatus(ENTRY, "update", "outdated"),
+        TriggerStatus(LEDGER, "insert", "unneeded"),
+        TriggerStatus(USER, "delete", "outdated"),
+        TriggerStatus(USER, "insert", "installed"),
+        TriggerStatus(USER, "update", "installed"),
+    ]
+
+
+def test_freshly_installed_triggers_read_back_from_the_catalog_are_installed():
+    needed = {(USER, "insert"): None, (USER, "update"): frozenset({"name", "email"})}
+    rows = [row(USER, "insert"), row(USER, "update", arguments=("email", "name"))]
+    states = MANAGER.status(needed, MANAGER.installed(rows))
+    assert [s.state for s in states] == ["installed", "installed"]
+    other_schema = TriggerManager("audit_events", "c")
+    assert [s.state for s in other_schema.status(needed, other_schema.installed(rows))] == ["outdated"] * 2
+
+
+def test_status_of_nothing_is_empty():
+    assert MANAGER.status({}, []) == []
+
+
+# Checking tables before any DDL --------------------------------------------------------
+
+
+def columns_of(tables: dict[TableKey, set[str]], asked: list[TableKey]) -> Callable[[TableKey], set[str]]:
+    """What the store would say of each table's columns; records what was asked."""
+
+    def columns(table: TableKey) -> set[str]:
+        asked.append(table)
+        return tables.get(table, set())
+
+    return columns
+
+
+def test_check_tables_accepts_existing_tables_and_columns_and_asks_once_per_table():
+    asked: list[TableKey] = []
+    needed = {
+        (LEDGER, "insert"): None,
+        (LEDGER, "update"): frozenset({"amount"}),
+        (LEDGER, "broadcast_update"): frozenset({"memo", "amount"}),
+        (ENTRY, "delete"): None,
+    }
+    tables = {LEDGER: {"id", "amount", "memo"}, ENTRY: {"id"}}
+    assert MANAGER.check_tables(needed, columns_of(tables, asked)) is None
+    assert asked == [ENTRY, LEDGER]
+
+
+def test_check_tables_names_a_missing_table():
+    with raises(
+        MissingTableError,
+        "Table 'public.ledgers' does not exist, so no trigger can be installed on it. Create it"
+        " first (db.create_all() or a migration), or fix the handler's target.",
+    ):
+        MANAGER.check_tables({(TableKey("public", "ledgers"), "insert"): None}, columns_of({}, []))
+
+
+@pytest.mark.parametrize("kind", ["update", "broadcast_update"])
+def test_check_tables_names_a_watched_column_the_table_lacks(kind):
+    tables = {LEDGER: {"id", "amount", "memo"}}
+    with raises(
+        UnknownColumnError,
+        "No column 'ammount', 'mmo' in table 'public.ledger', watched by an 'after_update'"
+        " handler. Expected some of 'amount', 'id', 'memo'.",
+    ):
+        MANAGER.check_tables({(LEDGER, kind): frozenset({"mmo", "ammount", "amount"})}, columns_of(tables, []))
+
+
+def test_check_tables_reports_the_first_table_in_trigger_order():
+    needed = {(USER, "insert"): None, (ENTRY, "insert"): None}
+    with pytest.raises(MissingTableError, match=r"^Table 'audit\.entry' "):
+        MANAGER.check_tables(needed, columns_of({}, []))
+
+
+# Grants of a listening role ------------------------------------------------------------
+
+
+def grants(**overrides: object) -> list[str]:
+    arguments: dict[str, object] = {
+        "role_exists": True, "schema_exists": True, "server_version": 160004, "broadcast": False,
+    }
+    arguments.update(overrides)
+    return MANAGER.listener_grants_sql("reader", **arguments)  # type: ignore[arg-type]
+
+
+def test_a_listener_role_gets_exactly_the_listener_grants():
+    assert grants() == [render("listener_grants", schema='"pgevents"', role='"reader"')]
+    sql = grants()[0]
+    assert sql.startswith('REVOKE ALL ON SCHEMA "pgevents" FROM "reader";')
+    assert 'GRANT DELETE ON "pgevents"."event" TO "reader";' in sql
+    assert "GRANT INSERT" not in sql and "broadcast\" TO" not in sql
+
+
+def test_broadcast_grants_only_when_a_handler_is_broadcast():
+    assert grants(broadcast=True) == [
+        render("listener_grants", schema='"pgevents"', role='"reader"'),
+        'GRANT SELECT (txid, id, table_schema, table_name, op, old, new, size, created_at), DELETE'
+        ' ON "pgevents"."broadcast" TO "reader";',
+    ]
+
+
+@pytest.mark.parametrize("server_version, maintain", [(160004, False), (169999, False), (170000, True), (180001, True)])
+def test_vacuuming_is_granted_from_postgresql_17(server_version, maintain):
+    statements = grants(server_version=server_version)
+    assert ('GRANT MAINTAIN ON "pgevents"."event" TO "reader";' in statements) is maintain
+    assert len(statements) == 1 + maintain
+
+
+def test_grants_to_an_unknown_role_are_refused():
+    with raises(
+        UnknownRoleError,
+        "Role 'reader' does not exist. Create it first, for example with 'CREATE ROLE \"reader\""
+        " LOGIN PASSWORD ...', then grant again.",
+    ):
+        grants(role_exists=False, schema_exists=False)
+
+
+def test_grants_before_install_are_refused():
+    with raises(
+        MissingTableError,
+        "The event schema 'pgevents' is not installed, so there is nothing to grant yet. Run"
+        " 'flask pgevents install-triggers' first.",
+    ):
+        grants(schema_exists=False)
+
+
+def test_grant_statements_quote_the_role():
+    sql = TriggerManager("pgevents", "c").listener_grants_sql(
+        'Read "Only"', role_exists=True, schema_exists=True, server_version=170000, broadcast=True
+    )
+    assert all('TO "Read ""Only""";' in statement for statement in sql)
