@@ -138,10 +138,7 @@ def change_rows_as_another_service(libpq_url: str) -> int:
 def wait_until_handled(count: int, timeout: float = 30.0) -> bool:
     """Wait until the handlers were called ``count`` times, at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    for _ in range(count):
-        if not handled.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            return False
-    return True
+    return all(handled.acquire(timeout=max(0.0, deadline - time.monotonic())) for _ in range(count))
 
 
 def run(database_url: str) -> int:

@@ -76,8 +76,9 @@ def install_triggers(print_sql: bool) -> None:
     state = _state()
     if print_sql:
         # One transaction, as install-triggers runs it: safe to pipe into psql.
+        statements = state.extension.install_sql(current_app)
         click.echo("BEGIN;")
-        for statement in state.extension.install_sql(current_app):
+        for statement in statements:
             click.echo(statement.strip())
         click.echo("COMMIT;")
         return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional
 
 from .errors import ConfigurationError
@@ -128,6 +129,10 @@ class _Reader:
             raise ConfigurationError(
                 f"{key} must be {noun}, got {value!r}. Remove it to use the default {DEFAULTS[key]!r}."
             )
+        if not math.isfinite(value):
+            raise ConfigurationError(
+                f"{key} must be a finite number, got {value!r}. Remove it to use the default {DEFAULTS[key]!r}."
+            )
         if value < minimum:
             raise ConfigurationError(
                 f"{key} must be at least {minimum}, got {value!r}. Remove it to use the"
@@ -148,11 +153,11 @@ class _Reader:
     def role_name(self, key: str) -> Optional[str]:
         value = self.get(key)
         if value is not None and (
-            not isinstance(value, str) or not value or "\x00" in value
+            not isinstance(value, str) or not value or "\x00" in value or "$" in value
             or len(value.encode()) > MAX_IDENTIFIER_BYTES
         ):
             raise ConfigurationError(
-                f"{key} must be a role name of 1 to {MAX_IDENTIFIER_BYTES} bytes, got"
-                f" {value!r}. Remove it to use '<PGEVENTS_SCHEMA>_capture'."
+                f"{key} must be a role name of 1 to {MAX_IDENTIFIER_BYTES} bytes without '$',"
+                f" got {value!r}. Remove it to use '<PGEVENTS_SCHEMA>_capture'."
             )
         return value

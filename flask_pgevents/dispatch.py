@@ -17,7 +17,7 @@ import traceback
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from .connection import CONNECTION_ERRORS, Connection
-from .events import Event, load_row
+from .events import Event, changed_in_json, load_row
 from .pacing import Backoff
 from .registry import BROADCAST_PREFIX, Subscription
 from .store import Store, StoredEvent, subscription_key
@@ -226,15 +226,18 @@ class Dispatcher:
     def event(self, stored: StoredEvent, attempt: int) -> Event:
         """The Event handlers receive for a stored row: values decoded by column type."""
         info = self.state.table_info(stored.table)
+        old, new = load_row(stored.old), load_row(stored.new)
+        changed = changed_in_json(old, new)  # before decoding, which works in place
         return Event(
             id=stored.id,
             op=stored.op,
             table=str(stored.table),
             model=info.model,
-            new=info.decoder.decode(load_row(stored.new)),
-            old=info.decoder.decode(load_row(stored.old)),
+            new=info.decoder.decode(new),
+            old=info.decoder.decode(old),
             timestamp=stored.created_at,
             attempt=attempt,
+            changed=changed,
         )
 
     def _settle(self, store: Store, handled: list[int], failures: list[Failure]) -> None:

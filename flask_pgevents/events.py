@@ -239,6 +239,30 @@ def _same(old: Any, new: Any) -> bool:
     return bool(old == new) or (old != old and new != new)
 
 
+def changed_in_json(old: Optional[Row], new: Optional[Row]) -> FrozenSet[str]:
+    """Names of the columns whose stored JSON differs, as the capture trigger sees it.
+
+    Compared before decoding, by type and text: ``1`` and ``true``, or
+    ``1.0`` and ``1.00``, are changes to the trigger (it compares JSON text)
+    though equal once decoded.
+    """
+    if not old or not new:
+        return frozenset()
+    return frozenset(k for k in new.keys() | old.keys() if not _same_json(old.get(k), new.get(k)))
+
+
+def _same_json(old: Any, new: Any) -> bool:
+    if type(old) is not type(new):
+        return False
+    if isinstance(old, list):
+        return len(old) == len(new) and all(map(_same_json, old, new))
+    if isinstance(old, dict):
+        return list(old) == list(new) and all(_same_json(old[k], new[k]) for k in old)
+    if isinstance(old, decimal.Decimal):
+        return str(old) == str(new)
+    return bool(old == new)
+
+
 _UNSET: Any = object()
 
 

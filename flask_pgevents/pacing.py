@@ -74,7 +74,8 @@ class Backoff:
 
     def delay(self, failures: int) -> float:
         """The delay after ``failures`` consecutive failures (1 for the first)."""
-        ceiling = min(self.maximum, self.initial * 2.0 ** max(failures - 1, 0))
+        # The exponent is capped: 2.0 ** 1024 overflows, and the ceiling is long reached.
+        ceiling = min(self.maximum, self.initial * 2.0 ** min(max(failures - 1, 0), 64))
         return ceiling * random.uniform(self.jitter, 1.0)
 
     def next_delay(self) -> float:

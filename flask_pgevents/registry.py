@@ -307,7 +307,12 @@ class Registry:
                 sub = Subscription(
                     table_key, kind, fn, wanted, self._name_for(table_key, kind, fn), model, sa_table
                 )
-                if not any(self._same(sub, old) for old in self._subscriptions):
+                # Registering a handler again for the same table and kind
+                # replaces its columns: it runs once per event, never twice.
+                same = [i for i, old in enumerate(self._subscriptions) if self._same(sub, old)]
+                if same:
+                    self._subscriptions[same[0]] = sub
+                else:
                     self._subscriptions.append(sub)
                 added.append(sub)
             self._reindex()
@@ -358,8 +363,8 @@ class Registry:
 
     @staticmethod
     def _same(a: Subscription, b: Subscription) -> bool:
-        return (a.table, a.kind, a.handler, a.columns) == (
-            b.table, b.kind, b.handler, b.columns
+        return (a.table, a.kind, a.handler) == (
+            b.table, b.kind, b.handler
         )
 
     def _reindex(self) -> None:

@@ -162,8 +162,9 @@ class TriggerManager:
             arguments=", ".join(quote_literal(c) for c in sorted(columns or ())),
         )
 
-    def drop_trigger_sql(self, table: TableKey, kind: str) -> str:
-        return render("drop_trigger", trigger=quote_ident(trigger_name(self.schema, kind)), table=qualified(table))
+    def drop_trigger_sql(self, trigger: InstalledTrigger) -> str:
+        """Drop an installed trigger by the name it has (which may not be the usual one)."""
+        return render("drop_trigger", trigger=quote_ident(trigger.name), table=qualified(trigger.table))
 
     def lock_sql(self) -> str:
         return render("lock_install", lock=quote_literal(f"pgevents install {self.schema}"))
@@ -174,14 +175,15 @@ class TriggerManager:
         """Statements that make the database hold exactly the needed triggers."""
         statements = [self.lock_sql(), *self.schema_sql(owner)]
         for trig in installed:
-            if (trig.table, trig.kind) not in needed:
-                statements.append(self.drop_trigger_sql(trig.table, trig.kind))
+            # Unneeded, or a copy under another name that would capture twice.
+            if (trig.table, trig.kind) not in needed or trig.name != trigger_name(self.schema, trig.kind):
+                statements.append(self.drop_trigger_sql(trig))
         for (table, kind), columns in sorted(needed.items(), key=lambda item: trigger_order(item[0])):
             statements.append(self.trigger_sql(table, kind, columns))
         return statements
 
     def uninstall_sql(self, installed: Sequence[InstalledTrigger], *, drop_schema: bool = False) -> list[str]:
-        statements = [self.lock_sql(), *(self.drop_trigger_sql(t.table, t.kind) for t in installed)]
+        statements = [self.lock_sql(), *(self.drop_trigger_sql(t) for t in installed)]
         if drop_schema:
             statements.append(render("drop_schema", schema=quote_ident(self.schema)))
         return statements

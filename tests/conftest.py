@@ -177,7 +177,7 @@ def recorder() -> Recorder:
 
 
 def wait_while_running(
-    proc: "subprocess.Popen[Any]", log: "Path", predicate: Callable[[], Any], timeout: float = 20.0
+    proc: subprocess.Popen[Any], log: Path, predicate: Callable[[], Any], timeout: float = 20.0
 ) -> Any:
     """Poll ``predicate`` like :func:`wait_until`; fail at once, with the output, if the process ended."""
     deadline = time.monotonic() + timeout

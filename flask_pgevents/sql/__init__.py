@@ -57,8 +57,7 @@ def render(name: str, /, **fragments: str) -> str:
 
         render("drop_trigger", trigger=quote_ident("pgevents_insert"), table='"public"."user"')
     """
-    sql = BLOCKS[name]
-    return sql.format(**fragments) if fragments else sql
+    return BLOCKS[name].format(**fragments)
 
 
 def quote_ident(name: str) -> str:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.py"
 
 
-def run_example(path: Path, database_url: "str | None") -> subprocess.CompletedProcess[str]:
+def run_example(path: Path, database_url: str | None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "FLASK_APP")}
     if database_url is not None:
         env["DATABASE_URL"] = database_url

@@ -7,6 +7,7 @@ stopped, with its whole process group, when its test ends.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -25,11 +26,11 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from conftest import wait_until, wait_while_running
 from flask import Flask
 from flask.cli import FlaskGroup
 from flask_sqlalchemy import SQLAlchemy
 
-from conftest import wait_until, wait_while_running
 from flask_pgevents import PGEvents
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,20 +146,16 @@ class Processes:
     def stop_all(self) -> None:
         for proc, _ in reversed(self.started):
             _signal_group(proc, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
             # Whatever is left of the group, a reloader's child for one.
             _signal_group(proc, signal.SIGKILL)
             proc.wait(timeout=10)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture

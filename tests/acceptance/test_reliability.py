@@ -13,8 +13,8 @@ from typing import Any, Iterator
 
 import psycopg
 import pytest
-
 from conftest import thing_app, wait_until
+
 from flask_pgevents.embedded import EmbeddedPostgres
 
 from . import reliability_app
@@ -40,7 +40,7 @@ class Listeners:
         self.procs: list[tuple[subprocess.Popen[str], Any]] = []
 
     def start(self, **env: str) -> subprocess.Popen[str]:
-        log = tempfile.TemporaryFile("w+")
+        log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed with its process in close()
         proc = subprocess.Popen(
             [sys.executable, "-m", "flask", "--app", RELIABILITY_APP, "pgevents", "listen"],
             cwd=ROOT,
@@ -109,7 +109,7 @@ def start_slow_then_fast(listeners: Listeners, other_service: psycopg.Connection
 
 
 def test_terminated_backend_is_replaced_and_next_event_handled_within_2s(make_app, other_service, recorder):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", recorder)
     with app.app_context():
         pgevents.install_triggers()
@@ -246,7 +246,7 @@ def test_stop_signal_finishes_the_handler_and_releases_the_rest(
 
 
 def test_stop_waits_for_the_handler_in_progress(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     started, finished = threading.Event(), threading.Event()
 
     @pgevents.listens_for(Thing, "after_insert")
@@ -267,7 +267,7 @@ def test_stop_waits_for_the_handler_in_progress(make_app, other_service):
 
 
 def test_retries_are_per_handler_with_counted_attempts(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=5, PGEVENTS_RETRY_BACKOFF=0.01)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=5, PGEVENTS_RETRY_BACKOFF=0.01)
     calls: dict[str, list[int]] = {"steady": [], "flaky": []}
 
     @pgevents.listens_for(Thing, "after_insert")
@@ -290,7 +290,7 @@ def test_retries_are_per_handler_with_counted_attempts(make_app, other_service):
 
 
 def test_last_failed_attempt_is_kept_with_error_and_traceback(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=2, PGEVENTS_RETRY_BACKOFF=0.01)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=2, PGEVENTS_RETRY_BACKOFF=0.01)
     attempts: list[int] = []
 
     @pgevents.listens_for(Thing, "after_insert")
@@ -315,7 +315,7 @@ def test_last_failed_attempt_is_kept_with_error_and_traceback(make_app, other_se
 
 
 def test_retention_keeps_handled_events_then_purges_them(make_app, other_service, recorder):
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_RETENTION=0.5)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_RETENTION=0.5)
     pgevents.listen(Thing, "after_insert", recorder)
     with app.app_context():
         pgevents.install_triggers()
@@ -365,7 +365,7 @@ def test_interpreter_exit_settles_the_batch_in_progress(reliability_db, other_se
 
 
 def test_a_handler_that_forks_keeps_the_listener_running(make_app, other_service, recorder):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
 
     @pgevents.listens_for(Thing, "after_insert")
     def forks(event):
@@ -402,7 +402,7 @@ def test_a_long_handler_keeps_its_event_while_other_processes_go_on(reliability_
 
 
 def test_passwords_in_the_dsn_never_reach_the_logs(make_app, caplog):
-    app, db, pgevents = make_app(
+    app, _db, pgevents = make_app(
         SQLALCHEMY_DATABASE_URI="postgresql+psycopg2://app:s3cret-pw@127.0.0.1:1/nowhere",
         PGEVENTS_RECONNECT_BACKOFF=0.01,
     )

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-
 from conftest import Recorder, wait_until
 
 

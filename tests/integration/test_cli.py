@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
+from conftest import thing_app, wait_until, wait_while_running
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from conftest import thing_app, wait_until, wait_while_running
 from flask_pgevents.cli import pgevents_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +99,7 @@ def password_url(server_url: str, libpq_url: str, database_url: str) -> Iterator
 
 
 def test_install_triggers_installs_what_handlers_need_and_is_idempotent(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", ignore)
     pgevents.listen(Thing, "after_update", ignore, columns=["name"])
 
@@ -118,7 +118,7 @@ def test_install_triggers_installs_what_handlers_need_and_is_idempotent(make_app
 
 
 def test_install_triggers_sql_prints_the_sql_and_runs_nothing(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, ["after_insert", "after_delete"], ignore)
 
     result = invoke(app, "install-triggers", "--sql")
@@ -142,7 +142,7 @@ def test_install_triggers_sql_prints_the_sql_and_runs_nothing(make_app, other_se
 
 
 def test_uninstall_triggers_keeps_pending_events_unless_the_schema_is_dropped(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, ["after_insert", "after_update"], ignore)
     assert invoke(app, "install-triggers").exit_code == 0
     other_service.execute("INSERT INTO thing (name) VALUES ('a')")
@@ -172,7 +172,7 @@ def test_uninstall_triggers_keeps_pending_events_unless_the_schema_is_dropped(ma
 
 
 def test_status_reports_each_table_and_operation_and_exits_1_when_missing(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     result = invoke(app, "status")
     assert result.exit_code == 1
     assert "Backlog: event table missing; run 'flask pgevents install-triggers'." in result.output
@@ -216,7 +216,7 @@ def test_status_reports_each_table_and_operation_and_exits_1_when_missing(make_a
 
 
 def test_status_shows_backlog_oldest_age_and_failed_count(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1)
 
     @pgevents.listens_for(Thing, "after_insert")
     def picky(event):
@@ -246,7 +246,7 @@ def test_status_shows_backlog_oldest_age_and_failed_count(make_app, other_servic
 
 
 def test_failed_lists_errors_and_retry_reruns_only_the_handlers_that_failed(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1)
     calls: list[tuple[str, int]] = []
     broken = {"mail"}
 
@@ -296,7 +296,7 @@ def test_failed_lists_errors_and_retry_reruns_only_the_handlers_that_failed(make
 
 
 def test_retry_needs_ids_or_all_and_reports_ids_that_are_not_failed(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", ignore)
     assert invoke(app, "install-triggers").exit_code == 0
 
@@ -318,7 +318,7 @@ def test_retry_needs_ids_or_all_and_reports_ids_that_are_not_failed(make_app, ot
 
 
 def test_no_command_shows_the_password_of_the_database_url(make_app, password_url, other_service):
-    app, db, pgevents, Thing = thing_app(make_app, SQLALCHEMY_DATABASE_URI=password_url)
+    app, _db, pgevents, Thing = thing_app(make_app, SQLALCHEMY_DATABASE_URI=password_url)
     user = make_url(password_url).username
     pgevents.listen(Thing, "after_insert", ignore)
 

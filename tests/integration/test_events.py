@@ -166,7 +166,7 @@ def test_values_have_the_types_sqlalchemy_loads(make_app, other_service, recorde
     assert isinstance(new["plain_json"][3], float) and isinstance(new["plain_json"][0]["y"][2], int)
     assert new["color"] is Color.green
     assert type(new["blob"]) is bytes
-    assert by_id[null_id].new == {"id": null_id, **{name: None for name in FULL_ROW}}
+    assert by_id[null_id].new == {"id": null_id, **dict.fromkeys(FULL_ROW)}
     assert by_id[special_id].new["ratio"] == float("-inf")
     assert by_id[special_id].new["color"] is Color.red
 
@@ -315,7 +315,7 @@ def test_event_is_immutable(make_app, other_service, recorder):
             delattr(event, name)
     with pytest.raises(AttributeError):
         event.something_else = 1
-    assert (event.op, event.new, event.attempt) == ("insert", {"id": 1, **{n: None for n in FULL_ROW}, "note": "a"}, 1)
+    assert (event.op, event.new, event.attempt) == ("insert", {"id": 1, **dict.fromkeys(FULL_ROW), "note": "a"}, 1)
 
 
 def test_attribute_named_unlike_its_column(make_app, other_service, recorder):

@@ -1,10 +1,7 @@
 """The listener thread: wake-ups, catch-up, order, failing handlers, stop."""
 from __future__ import annotations
 
-
 from conftest import thing_app, wait_until
-
-
 
 
 def test_thread_handles_events_in_commit_order_inside_app_context(make_app, other_service, recorder):

@@ -7,10 +7,11 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from conftest import Recorder, role_url, wait_until
 from sqlalchemy.engine import make_url
 
-from conftest import Recorder, role_url, wait_until
 from flask_pgevents.cli import pgevents_cli
+
 
 def test_a_non_superuser_owner_installs_triggers_and_listens(make_app, make_role, database_url, other_service):
     owner = make_role()
@@ -54,7 +55,7 @@ def test_a_non_superuser_owner_without_createrole_keeps_the_functions_and_is_tol
 ):
     owner = make_role()
     other_service.execute(f'GRANT CREATE ON DATABASE "{other_service.info.dbname}" TO "{owner}"')
-    app, db, pgevents = make_app(SQLALCHEMY_DATABASE_URI=role_url(database_url, owner))
+    app, _db, pgevents = make_app(SQLALCHEMY_DATABASE_URI=role_url(database_url, owner))
     pgevents.listen("public.note", "after_insert", Recorder())
     pgevents.init_app(app)
     other_service.execute(f'CREATE TABLE note (id serial PRIMARY KEY, body text); ALTER TABLE note OWNER TO "{owner}"')
@@ -74,7 +75,7 @@ def test_a_createrole_owner_gives_the_functions_to_a_nologin_capture_role(
     owner = make_role("CREATEROLE")
     capture = f"{owner}_capture"
     other_service.execute(f'GRANT CREATE ON DATABASE "{other_service.info.dbname}" TO "{owner}"')
-    app, db, pgevents = make_app(SQLALCHEMY_DATABASE_URI=role_url(database_url, owner), PGEVENTS_CAPTURE_ROLE=capture)
+    app, _db, pgevents = make_app(SQLALCHEMY_DATABASE_URI=role_url(database_url, owner), PGEVENTS_CAPTURE_ROLE=capture)
     recorder = Recorder()
     pgevents.listen("public.note", "after_insert", recorder)
     pgevents.init_app(app)
@@ -153,7 +154,7 @@ def test_a_role_made_with_grant_listener_listens_and_reads_broadcasts(make_app, 
 
 
 def test_grant_listener_names_a_missing_role_and_prints_its_sql(make_app, other_service):
-    app, db, pgevents = make_app()
+    app, _db, pgevents = make_app()
     pgevents.listen("public.note", "after_insert", Recorder())
     pgevents.init_app(app)
     other_service.execute("CREATE TABLE note (id serial PRIMARY KEY, body text)")
@@ -167,7 +168,10 @@ def test_grant_listener_names_a_missing_role_and_prints_its_sql(make_app, other_
     try:
         result = runner.invoke(pgevents_cli, ["grant-listener", "pgevents_sql_reader", "--sql"])
         assert result.exit_code == 0, result.output
-        assert 'GRANT UPDATE (status, attempt, run_after, done_handlers, errors, handled_at) ON "pgevents"."event" TO "pgevents_sql_reader";' in result.output
+        assert (
+            'GRANT UPDATE (status, attempt, run_after, done_handlers, errors, handled_at) ON "pgevents"."event"'
+            ' TO "pgevents_sql_reader";'
+        ) in result.output
         assert "broadcast" not in result.output.split("REVOKE ALL ON")[-1].split(";", 1)[1]
         # Printing changed nothing.
         granted = other_service.execute(

@@ -14,9 +14,9 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from conftest import Recorder, role_url, thing_app, wait_until
 from sqlalchemy.engine import make_url
 
-from conftest import Recorder, role_url, thing_app, wait_until
 from flask_pgevents import IdentifierTooLongError
 from flask_pgevents.cli import pgevents_cli
 
@@ -38,7 +38,7 @@ def test_a_listener_role_cannot_attach_the_capture_functions_to_its_own_temp_tab
     # The review's attack: a temp table whose column type has a pg_temp cast
     # to json, captured by the SECURITY DEFINER function, runs the cast as
     # the function's owner.
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", Recorder())
     with app.app_context():
         pgevents.install_triggers()
@@ -75,7 +75,7 @@ def test_a_watched_tables_owner_gains_nothing_through_a_cast(make_app, make_role
     other_service.execute("CREATE TABLE secret (value text); INSERT INTO secret VALUES ('s3cret')")
     with psycopg.connect(_libpq(role_url(database_url, alice)), autocommit=True) as conn:
         conn.execute("CREATE TABLE diary (id serial PRIMARY KEY, note text)")
-    app, db, pgevents = make_app()
+    app, _db, pgevents = make_app()
     pgevents.listen("public.diary", "after_insert", Recorder())
     pgevents.init_app(app)
     with app.app_context():
@@ -105,7 +105,7 @@ def test_a_watched_tables_owner_gains_nothing_through_a_cast(make_app, make_role
 def test_a_hostile_public_operator_is_never_called(make_app, make_role, other_service, caplog):
     # CVE-2018-1058: an operator in public that matches better than the
     # built-in one would run as the listener's role on every claim.
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     recorder = Recorder()
     pgevents.listen(Thing, ["after_insert", "after_update"], recorder)
     pgevents.listen("public.thing", "after_delete", recorder)  # reflected: SQLAlchemy's own queries too
@@ -139,7 +139,7 @@ def test_a_hostile_public_operator_is_never_called(make_app, make_role, other_se
 
 @pytest.mark.parametrize("message", ["nul \x00 byte", "lone \ud800 surrogate"])
 def test_an_error_jsonb_refuses_is_stored_and_does_not_stall_the_batch(make_app, other_service, message):
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1)
     calls: list[str] = []
 
     @pgevents.listens_for(Thing, "after_insert")
@@ -163,7 +163,7 @@ def test_an_error_jsonb_refuses_is_stored_and_does_not_stall_the_batch(make_app,
 
 
 def test_an_event_whose_batch_cannot_be_settled_ends_up_failed_and_its_batch_mates_go_on(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=2, PGEVENTS_RETRY_BACKOFF=0)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=2, PGEVENTS_RETRY_BACKOFF=0)
     calls: list[str] = []
     pgevents.listen(Thing, "after_insert", lambda event: calls.append(event.new["name"]))
     with app.app_context():
@@ -227,7 +227,7 @@ def test_a_captured_pickle_is_not_loaded_unless_trusted(make_app, other_service,
 
 
 def test_a_claim_is_bounded_by_bytes(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_BATCH_BYTES=1_000_000)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_BATCH_BYTES=1_000_000)
     transactions: list[Any] = []
     with psycopg.connect(other_service.info.dsn, autocommit=True) as observer:
 
@@ -255,18 +255,19 @@ def test_a_claim_is_bounded_by_bytes(make_app, other_service):
 
 
 def test_a_table_name_postgresql_would_cut_is_refused_at_registration(make_app):
-    app, db, pgevents = make_app()
+    _app, _db, pgevents = make_app()
     name = "t" * 64
     with pytest.raises(IdentifierTooLongError, match=r"64 bytes long, but PostgreSQL cuts names at 63 bytes"):
         pgevents.listen(name, "after_insert", Recorder())
     with pytest.raises(IdentifierTooLongError, match="schema name"):
-        pgevents.listen(sa.Table("t", sa.MetaData(), sa.Column("id", sa.Integer), schema="é" * 32), "after_insert", Recorder())
+        long_schema = sa.Table("t", sa.MetaData(), sa.Column("id", sa.Integer), schema="é" * 32)
+        pgevents.listen(long_schema, "after_insert", Recorder())
     pgevents.listen("t" * 63, "after_insert", Recorder())
 
 
 def test_a_schema_name_with_a_backslash_works_for_writers_without_standard_strings(make_app, other_service):
     schema = "pg\\events\\"
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_SCHEMA=schema, PGEVENTS_POLL_INTERVAL=30)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_SCHEMA=schema, PGEVENTS_POLL_INTERVAL=30)
     recorder = Recorder()
     pgevents.listen(Thing, "after_insert", recorder)
     with app.app_context():
@@ -285,7 +286,7 @@ def test_a_schema_name_with_a_backslash_works_for_writers_without_standard_strin
 
 
 def test_failed_events_are_purged_after_their_retention(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1, PGEVENTS_FAILED_RETENTION=0.5)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1, PGEVENTS_FAILED_RETENTION=0.5)
 
     @pgevents.listens_for(Thing, "after_insert")
     def fails(event: Any) -> None:
@@ -300,7 +301,7 @@ def test_failed_events_are_purged_after_their_retention(make_app, other_service)
 
 
 def test_broadcast_rows_are_written_only_while_someone_listens_and_purged_by_any_listener(make_app, other_service):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", Recorder(), broadcast=True)
     with app.app_context():
         pgevents.install_triggers()
@@ -324,7 +325,7 @@ def test_broadcast_rows_are_written_only_while_someone_listens_and_purged_by_any
 
 
 def test_an_install_of_the_previous_version_is_upgraded_with_its_backlog(make_app, other_service, caplog):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     recorder = Recorder()
     pgevents.listen(Thing, "after_insert", recorder)
     with app.app_context():

@@ -486,10 +486,9 @@ def test_rolled_back_transactions_and_savepoints_leave_no_event(make_app, other_
         db.session.commit()
     with other_service.transaction():
         other_service.execute("""UPDATE "user" SET name = 'sql kept' WHERE email = '1@x'""")
-        with pytest.raises(psycopg.errors.UniqueViolation):
-            with other_service.transaction():
-                other_service.execute("""DELETE FROM "user" WHERE email = '3@x'""")
-                other_service.execute("""INSERT INTO "user" SELECT * FROM "user" WHERE name = 'sql kept'""")
+        with pytest.raises(psycopg.errors.UniqueViolation), other_service.transaction():
+            other_service.execute("""DELETE FROM "user" WHERE email = '3@x'""")
+            other_service.execute("""INSERT INTO "user" SELECT * FROM "user" WHERE name = 'sql kept'""")
     assert _drain(app, pgevents) == 3
     assert [(e.op, (e.new or e.old)["name"]) for e in recorder.events] == [
         ("insert", "kept"), ("insert", "kept too"), ("update", "sql kept")
@@ -819,13 +818,12 @@ def test_install_names_a_missing_table_and_a_misspelt_column_of_a_string_target(
     from flask_pgevents import MissingTableError, UnknownColumnError
     from flask_pgevents.cli import pgevents_cli
 
-    app, db, pgevents = make_app()
+    app, _db, pgevents = make_app()
     pgevents.init_app(app)
     other_service.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric, memo text)")
     pgevents.listen("public.ledger", "after_update", recorder, columns=["ammount"])
-    with app.app_context():
-        with pytest.raises(UnknownColumnError) as info:
-            pgevents.install_triggers()
+    with app.app_context(), pytest.raises(UnknownColumnError) as info:
+        pgevents.install_triggers()
     assert str(info.value) == (
         "No column 'ammount' in table 'public.ledger', watched by an 'after_update' handler."
         " Expected some of 'amount', 'id', 'memo'."
@@ -838,8 +836,7 @@ def test_install_names_a_missing_table_and_a_misspelt_column_of_a_string_target(
         "Error: Table 'public.ledgers' does not exist, so no trigger can be installed on it."
         " Create it first (db.create_all() or a migration), or fix the handler's target.\n"
     )
-    with app.app_context():
-        with pytest.raises(MissingTableError):
-            pgevents.install_triggers()
+    with app.app_context(), pytest.raises(MissingTableError):
+        pgevents.install_triggers()
     # Nothing was installed by the failed attempts.
     assert _triggers(other_service) == []

@@ -5,10 +5,7 @@ import threading
 import time
 
 import psycopg
-
 from conftest import thing_app, wait_until
-
-
 
 
 def _sleeping_listeners(conn: psycopg.Connection) -> int:
@@ -16,7 +13,7 @@ def _sleeping_listeners(conn: psycopg.Connection) -> int:
 
 
 def test_writers_notify_only_while_a_listener_sleeps(make_app, other_service, libpq_url, recorder):
-    app, db, pgevents, Thing = thing_app(make_app)
+    app, _db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", recorder)
     with app.app_context():
         pgevents.install_triggers()
@@ -35,7 +32,7 @@ def test_writers_notify_only_while_a_listener_sleeps(make_app, other_service, li
 
 def test_a_commit_racing_the_listener_into_sleep_is_not_left_to_the_safety_poll(make_app, other_service, libpq_url):
     # A safety poll so long that only the in-flight recheck can deliver in time.
-    app, db, pgevents, Thing = thing_app(make_app, PGEVENTS_POLL_INTERVAL=60)
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_POLL_INTERVAL=60)
     writer_inserted = threading.Event()
     handled: dict[str, float] = {}
 

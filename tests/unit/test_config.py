@@ -261,11 +261,22 @@ def test_a_capture_role_that_fits_is_kept_as_given(role):
     assert config(PGEVENTS_CAPTURE_ROLE=role).capture_role == role
 
 
-@pytest.mark.parametrize("role", ["", "nul\x00", "\u00e9" * 32, "r" * 64, 42, False])
+@pytest.mark.parametrize("role", ["", "nul\x00", "\u00e9" * 32, "r" * 64, 42, False, "a$pgevents$b"])
 def test_a_capture_role_that_cannot_name_a_role_is_refused(role):
+    # '$' too: the role's name is written inside a dollar-quoted DO block.
     with raises(
         ConfigurationError,
-        f"PGEVENTS_CAPTURE_ROLE must be a role name of 1 to 63 bytes, got {role!r}. Remove it to"
-        " use '<PGEVENTS_SCHEMA>_capture'.",
+        f"PGEVENTS_CAPTURE_ROLE must be a role name of 1 to 63 bytes without '$', got {role!r}."
+        " Remove it to use '<PGEVENTS_SCHEMA>_capture'.",
     ):
         config(PGEVENTS_CAPTURE_ROLE=role)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", float("nan"), float("inf"), "-inf"])
+def test_a_number_that_is_not_finite_is_refused(value):
+    with raises(
+        ConfigurationError,
+        f"PGEVENTS_POLL_INTERVAL must be a finite number, got {float(value)!r}. Remove it to use"
+        " the default 0.5.",
+    ):
+        config(PGEVENTS_POLL_INTERVAL=value)

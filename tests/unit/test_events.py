@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_pgevents import Event
-from flask_pgevents.events import RowDecoder, build_instance, changed_columns, converter_for, load_row
+from flask_pgevents.events import RowDecoder, build_instance, changed_columns, changed_in_json, converter_for, load_row
 
 
 class Color(enum.Enum):
@@ -411,3 +411,22 @@ def test_build_instance_sets_the_mapped_attributes_the_row_has():
     assert "email" not in vars(account) and not hasattr(account, "not_a_column")
     assert build_instance(None, {"id": 1}) is None
     assert build_instance(Account, None) is None
+
+
+@pytest.mark.parametrize("old, new", [
+    (1, True),
+    (decimal.Decimal("1.0"), decimal.Decimal("1.00")),
+    ({"a": 1, "b": 2}, {"b": 2, "a": 1}),
+    ([1, 2], [1, 2, 3]),
+    ("x", None),
+])
+def test_changed_in_json_sees_what_the_trigger_sees(old, new):
+    # The trigger compares JSON text: each of these is a change, though some
+    # are equal once decoded into Python values.
+    assert changed_in_json({"id": 1, "v": old}, {"id": 1, "v": new}) == frozenset({"v"})
+
+
+def test_changed_in_json_of_equal_rows_and_of_inserts_is_empty():
+    row = {"id": 1, "v": [decimal.Decimal("1.5"), {"k": "NaN"}]}
+    assert changed_in_json(row, {"id": 1, "v": [decimal.Decimal("1.5"), {"k": "NaN"}]}) == frozenset()
+    assert changed_in_json(None, row) == frozenset()

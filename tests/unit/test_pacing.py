@@ -291,3 +291,11 @@ def test_a_listener_that_is_no_longer_busy_goes_idle(clock):
     clock.advance(1.0)
     # The claim closes the busy window (300 events in 1 s): no more lingering.
     assert pacer.after_claim(0, 0, Timeout()) == GO_IDLE
+
+
+def test_backoff_survives_any_number_of_failures():
+    # 2.0 ** 1024 overflows: a database down for hours must not end the listener.
+    backoff = Backoff(0.1, 10.0)
+    assert 5.0 <= backoff.delay(5000) <= 10.0
+    backoff.failures = 10_000
+    assert 5.0 <= backoff.next_delay() <= 10.0

@@ -533,3 +533,12 @@ def test_trigger_order_sorts_by_table_then_kind():
         (TableKey("public", "user"), "delete"),
     ]
     assert sorted(keys, key=trigger_order) == [keys[1], keys[2], keys[3], keys[0]]
+
+
+def test_registering_a_handler_again_with_other_columns_replaces_them_and_it_runs_once():
+    registry = Registry()
+    registry.add(User, "after_update", handler, columns=["email"])
+    registry.add(User, "after_update", handler, columns=["name"])
+    [sub] = registry.handlers_for(USER, "update")
+    assert (sub.handler, sub.columns, sub.name) == (handler, frozenset({"name"}), f"{__name__}.handler")
+    assert registry.needed_triggers() == {(USER, "update"): frozenset({"name"})}

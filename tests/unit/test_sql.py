@@ -162,3 +162,9 @@ def test_a_nul_character_can_be_neither_an_identifier_nor_a_literal():
         quote_ident("a\x00b")
     with raises(ValueError, "Literal 'a\\x00b' contains a NUL character."):
         quote_literal("a\x00b")
+
+
+def test_a_block_rendered_without_its_fragments_is_an_error():
+    # Never SQL with a literal "{schema}" in it.
+    with pytest.raises(KeyError, match="schema"):
+        render("backlog")

@@ -515,3 +515,16 @@ def test_grant_statements_quote_the_role():
         'Read "Only"', role_exists=True, schema_exists=True, server_version=170000, broadcast=True
     )
     assert all('TO "Read ""Only""";' in statement for statement in sql)
+
+
+def test_a_capture_trigger_under_another_name_is_dropped_by_its_own_name():
+    # A copy of the insert trigger under another name would capture every row twice.
+    copies = MANAGER.installed([row(USER, "insert"), row(USER, "insert", name="legacy_insert")])
+    statements = MANAGER.install_sql({(USER, "insert"): None}, copies, OWNED)
+    assert 'DROP TRIGGER IF EXISTS "legacy_insert" ON "public"."user";' in statements
+    assert 'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";' not in statements
+    uninstall = MANAGER.uninstall_sql(copies)
+    assert uninstall[1:] == [
+        'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',
+        'DROP TRIGGER IF EXISTS "legacy_insert" ON "public"."user";',
+    ]
