@@ -191,7 +191,7 @@ class Dispatcher:
                     failures.append(Failure(stored.id, attempt, sorted(done), {DECODE_STEP: error_record(exc)}))
                     continue
                 subscriptions = self.state.registry.handlers_for(stored.table, stored.op)
-                errors = self.call_handlers(event, (s for s in subscriptions if s.name not in done), done)
+                errors = self.call_handlers(event, subscriptions, done)
                 if errors:
                     failures.append(Failure(stored.id, attempt, sorted(done), errors))
                 else:
@@ -203,10 +203,13 @@ class Dispatcher:
     ) -> Errors:
         """Call each subscription that wants the event; return the errors by handler name.
 
-        :param done: gets the name of each handler that succeeded.
+        :param done: the handlers that already succeeded in an earlier attempt,
+            which are skipped; it gets the name of each one that succeeds now.
         """
         errors: Errors = {}
         for sub in subscriptions:
+            if done is not None and sub.name in done:
+                continue
             if sub.columns is not None and not (sub.columns & event.changed):
                 continue
             try:

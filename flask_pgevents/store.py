@@ -10,16 +10,18 @@ import dataclasses
 import datetime
 import json
 import string
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from .connection import Connection
 from .registry import TableKey
 from .sql import BLOCKS, quote_ident, render
 
 
-@dataclasses.dataclass(frozen=True)
-class StoredEvent:
-    """An event row as claimed (queued) or read (broadcast); rows are json text."""
+class StoredEvent(NamedTuple):
+    """An event row as claimed (queued) or read (broadcast); rows are json text.
+
+    A named tuple: one is made per event on the hot path.
+    """
 
     id: int
     table: TableKey
@@ -125,6 +127,31 @@ class Store:
         names = [column[0] for column in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
+    def _events(self, name: str, params: Any) -> tuple[list[Any], list[StoredEvent]]:
+        """Run a query of events; return its raw rows and the events among them.
+
+        Columns are found by name once per query, not per row: this is the
+        hot path of every claim. Columns a query lacks take their defaults.
+        """
+        cursor = self.conn.execute(self._sql[name], params)
+        rows = cursor.fetchall()
+        index = {column[0]: i for i, column in enumerate(cursor.description)}
+        id_, schema, table, op, old, new, created_at = (
+            index[column] for column in ("id", "table_schema", "table_name", "op", "old", "new", "created_at")
+        )
+        attempt, done, size, txid = (index.get(column) for column in ("attempt", "done_handlers", "size", "txid"))
+        events = [
+            StoredEvent(
+                row[id_], TableKey(row[schema], row[table]), row[op], row[old], row[new], row[created_at],
+                0 if attempt is None else row[attempt],
+                () if done is None else tuple(row[done] or ()),
+                0 if size is None else row[size],
+                None if txid is None else row[txid],
+            )
+            for row in rows if row[id_] is not None
+        ]
+        return rows, events
+
     def _run(self, name: str, params: Any = None) -> int:
         """Run a statement; return how many rows it changed."""
         return int(self.conn.execute(self._sql.get(name) or BLOCKS[name], params).rowcount)
@@ -188,16 +215,10 @@ class Store:
 
         :param subscriptions: the (table, op) keys of :func:`subscription_key`.
         """
-        rows = self._rows("claim_batch", (subscriptions, limit, max_bytes))
-        events = [
-            StoredEvent(
-                id=row["id"], table=TableKey(row["table_schema"], row["table_name"]), op=row["op"],
-                old=row["old"], new=row["new"], created_at=row["created_at"], attempt=row["attempt"],
-                done_handlers=tuple(row["done_handlers"] or ()), size=row["size"],
-            )
-            for row in rows if row["id"] is not None
-        ]
-        return Claim(rows[0]["in_flight"], events)
+        rows, events = self._events("claim_batch", (subscriptions, limit, max_bytes))
+        # The claim's first column counts the transactions in flight; an
+        # empty claim is one row of it alone.
+        return Claim(rows[0][0], events)
 
     def delete_handled(self, event_ids: list[int]) -> None:
         self._run("delete_handled", (event_ids,))
@@ -231,13 +252,7 @@ class Store:
 
     def read_broadcast(self, after: tuple[str, int], limit: int, max_bytes: int) -> list[StoredEvent]:
         """Broadcast rows committed after position ``after`` (txid, id), in commit-safe order."""
-        return [
-            StoredEvent(
-                id=row["id"], table=TableKey(row["table_schema"], row["table_name"]), op=row["op"],
-                old=row["old"], new=row["new"], created_at=row["created_at"], txid=row["txid"],
-            )
-            for row in self._rows("read_broadcast", (*after, limit, max_bytes))
-        ]
+        return self._events("read_broadcast", (*after, limit, max_bytes))[1]
 
     def purge_broadcast(self, older_than: float) -> None:
         self._run("purge_broadcast", (older_than,))
