@@ -20,7 +20,7 @@ from .connection import CONNECTION_ERRORS, Connection
 from .events import Event, changed_in_json, load_row
 from .pacing import Backoff
 from .registry import BROADCAST_PREFIX, Subscription
-from .store import Store, StoredEvent, subscription_key
+from .store import Claim, Store, StoredEvent, subscription_key
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -71,6 +71,81 @@ class Failure:
     errors: Errors
 
 
+class ClaimCursor:
+    """Where the next claim starts: after the events this listener has passed.
+
+    Claiming ``id > position`` keeps a drain from walking the index entries
+    of the events it has deleted: they stay until vacuum, and vacuum cannot
+    remove them while an older snapshot lives anywhere on the server. What
+    passing an id may miss, and how each is caught:
+
+    - an event of a transaction in flight when the cursor passed its id,
+      committed later: the passed region is rescanned once every transaction
+      in flight then has ended (the claim's xmin has passed its newest xid).
+      Capture runs after the user's write, so a transaction always has its
+      xid before it takes an event id;
+    - an event another process had locked and released, or a retry that is
+      due: a scan from the start every ``full_scan_seconds``, and at once
+      when a retry is due.
+
+    :param full_scan_seconds: how often a claim starts from the first id.
+    """
+
+    #: Regions waiting for their transactions to end; more are merged.
+    MAX_CHECKPOINTS = 32
+
+    def __init__(self, full_scan_seconds: float) -> None:
+        self.full_scan_seconds = full_scan_seconds
+        #: The claim starts after this id unless a rescan is due.
+        self.position = 0
+        # (rescan after this id, once the xmin is past this xid), oldest first.
+        self._checkpoints: list[tuple[int, int]] = []
+        self._xmin = 0
+        self._last_full_scan = float("-inf")
+
+    def start(self, now: float, retry_due: bool = False) -> int:
+        """The id after which the next claim starts."""
+        if retry_due or now - self._last_full_scan >= self.full_scan_seconds:
+            self._last_full_scan = now
+            return self._rescan_from(0)
+        ready = self._ready()
+        return self._rescan_from(min(ready)) if ready else self.position
+
+    def rescan_due(self) -> bool:
+        """Whether a passed region's transactions have all ended since the last claim began."""
+        return bool(self._ready())
+
+    def _ready(self) -> list[int]:
+        return [after_id for after_id, xid in self._checkpoints if xid < self._xmin]
+
+    def _rescan_from(self, start: int) -> int:
+        # A claim from `start` sees every event committed above it: the
+        # regions above it whose transactions have all ended are covered.
+        self._checkpoints = [
+            (after_id, xid) for after_id, xid in self._checkpoints if after_id < start or xid >= self._xmin
+        ]
+        return start
+
+    def advance(self, claim: Claim, last_handled: Optional[int], more: bool) -> None:
+        """Move past what a claim handled.
+
+        :param last_handled: the id of the last event handled or recorded as
+            failed, in id order; ``None`` if none was.
+        :param more: events may be pending right after ``last_handled``: the
+            claim was full, or the batch stopped before its end.
+        """
+        self._xmin = claim.xmin
+        previous = position = self.position
+        if last_handled is not None:
+            position = last_handled if more else max(previous, last_handled)
+        if position > previous and claim.newest_in_flight is not None:
+            self._checkpoints.append((previous, claim.newest_in_flight))
+            if len(self._checkpoints) > self.MAX_CHECKPOINTS:
+                (first, first_xid), (second, second_xid) = self._checkpoints[:2]
+                self._checkpoints[:2] = [(min(first, second), max(first_xid, second_xid))]
+        self.position = position
+
+
 class Dispatcher:
     """Claims batches, runs their handlers and records the outcome, for one app."""
 
@@ -84,6 +159,8 @@ class Dispatcher:
         self.in_flight = 0
         #: Events left to claim one by one, after a batch that could not be settled.
         self.isolating = 0
+        #: Where claims start: past the events this process has settled.
+        self.cursor = ClaimCursor(config.poll_interval)
         #: Bytes per event seen lately, which sizes the claim's LIMIT.
         self.bytes_per_event = 0.0
         #: Events settled since the event table was last vacuumed.
@@ -107,13 +184,18 @@ class Dispatcher:
         config = self.state.config
         subscriptions = [subscription_key(table, op) for table, op in self.state.registry.subscribed()]
         events: list[StoredEvent] = []
+        limit = self._claim_limit()
+        start = self.cursor.start(time.monotonic(), retry_due=self._retry_due())
         store.begin()
         try:
-            claim = store.claim_batch(subscriptions, self._claim_limit(), config.batch_bytes)
+            claim = store.claim_batch(subscriptions, start, limit, config.batch_bytes)
             self.in_flight, events = claim.in_flight, claim.events
             if not events:
                 store.commit()
-                return 0
+                self.cursor.advance(claim, None, more=False)
+                # This claim's snapshot may show that a late committer has
+                # ended: look behind the cursor now rather than at the next scan.
+                return self.run_batch(store, stop) if self.cursor.rescan_due() else 0
             self._measure([event.size for event in events])
             handled, failures = self._handle(events, stop)
             self._settle(store, handled, failures)
@@ -130,8 +212,18 @@ class Dispatcher:
             self._rollback(store)
             raise
         self.isolating = max(0, self.isolating - len(events))
-        self.settled += len(handled) + len(failures)
-        return len(handled) + len(failures)
+        settled = len(handled) + len(failures)
+        last = events[settled - 1].id if settled else None  # events are handled in id order
+        self.cursor.advance(claim, last, more=settled < len(events) or len(events) >= limit)
+        self.settled += settled
+        return settled
+
+    def _retry_due(self) -> bool:
+        """Whether a retried event is due now; the claim then starts from the first id."""
+        if self.next_retry_at is None or self.next_retry_at > time.monotonic():
+            return False
+        self.next_retry_at = None
+        return True
 
     def _measure(self, sizes: list[int]) -> None:
         average = sum(sizes) / len(sizes)
@@ -290,11 +382,7 @@ class Dispatcher:
         """How long to sleep when nothing is pending: the safety poll, or less."""
         timeout = self.state.config.poll_interval
         if self.next_retry_at is not None:
-            wait = self.next_retry_at - time.monotonic()
-            if wait <= 0:
-                self.next_retry_at = None
-                return 0.0
-            timeout = min(timeout, wait)
+            timeout = max(0.0, min(timeout, self.next_retry_at - time.monotonic()))
         return timeout
 
     # Broadcast ------------------------------------------------------------------

@@ -40,9 +40,14 @@ class StoredEvent(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """A claimed batch, and how many transactions were in flight when it looked."""
+    """A claimed batch, and what was in flight when it looked."""
 
+    #: Transactions in progress at the claim's snapshot.
     in_flight: int
+    #: The snapshot's xmin: every transaction before it has ended.
+    xmin: int
+    #: The newest transaction in progress at the snapshot, if any.
+    newest_in_flight: Optional[int]
     events: list[StoredEvent]
 
 
@@ -127,8 +132,8 @@ class Store:
         names = [column[0] for column in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
-    def _events(self, name: str, params: Any) -> tuple[list[Any], list[StoredEvent]]:
-        """Run a query of events; return its raw rows and the events among them.
+    def _events(self, name: str, params: Any) -> tuple[list[dict[str, Any]], list[StoredEvent]]:
+        """Run a query of events; return its first row by column name, and the events.
 
         Columns are found by name once per query, not per row: this is the
         hot path of every claim. Columns a query lacks take their defaults.
@@ -150,7 +155,7 @@ class Store:
             )
             for row in rows if row[id_] is not None
         ]
-        return rows, events
+        return [dict(zip(index, row)) for row in rows[:1]], events
 
     def _run(self, name: str, params: Any = None) -> int:
         """Run a statement; return how many rows it changed."""
@@ -210,15 +215,15 @@ class Store:
 
     # Delivery ---------------------------------------------------------------------
 
-    def claim_batch(self, subscriptions: list[str], limit: int, max_bytes: int) -> Claim:
-        """Lock and read the next due events; call inside :meth:`begin`.
+    def claim_batch(self, subscriptions: list[str], after_id: int, limit: int, max_bytes: int) -> Claim:
+        """Lock and read the next due events with ids above ``after_id``; call inside :meth:`begin`.
 
         :param subscriptions: the (table, op) keys of :func:`subscription_key`.
         """
-        rows, events = self._events("claim_batch", (subscriptions, limit, max_bytes))
-        # The claim's first column counts the transactions in flight; an
-        # empty claim is one row of it alone.
-        return Claim(rows[0][0], events)
+        first, events = self._events("claim_batch", (after_id, subscriptions, limit, max_bytes))
+        # An empty claim is one row, of the snapshot's columns alone.
+        snapshot = first[0]
+        return Claim(snapshot["in_flight"], snapshot["xmin"], snapshot["newest_in_flight"], events)
 
     def delete_handled(self, event_ids: list[int]) -> None:
         self._run("delete_handled", (event_ids,))

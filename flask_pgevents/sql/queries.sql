@@ -82,7 +82,14 @@ SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
 FROM {schema}."event"
 
 -- name: claim_batch
--- Claims the next pending events of the subscribed tables and operations.
+-- Claims the next pending events of the subscribed tables and operations,
+-- from after an id (the listener's cursor), so that a drain never walks the
+-- index entries of the events it has already deleted.
+--
+-- It also returns the snapshot's xmin and its newest in-flight xid: an event
+-- of a transaction still in flight may get a lower id than the cursor and
+-- commit later, so the listener rescans what it passed once every
+-- transaction in flight then has ended (see dispatch.ClaimCursor).
 --
 -- The claim also counts the transactions in progress at its snapshot: a
 -- writer that saw no idle listener may still commit after this claim came
@@ -97,7 +104,7 @@ WITH claimed AS (
     SELECT id, table_schema, table_name, op, old, new, created_at, attempt, done_handlers,
            coalesce(size, coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0)) AS size
     FROM {schema}."event"
-    WHERE status = 'pending' AND (run_after IS NULL OR run_after <= now())
+    WHERE status = 'pending' AND id > %s AND (run_after IS NULL OR run_after <= now())
       AND length(table_schema) || ':' || table_schema || table_name || ':' || op = ANY(%s)
     ORDER BY id
     LIMIT %s
@@ -106,10 +113,15 @@ WITH claimed AS (
     SELECT claimed.*, sum(size) OVER (ORDER BY id) - size AS bytes_before
     FROM claimed
 )
-SELECT (SELECT count(*) FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot())) AS in_flight,
+SELECT s.in_flight, s.newest_in_flight,
+       pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint AS xmin,
        m.id, m.table_schema, m.table_name, m.op, m.old::text AS old, m.new::text AS new, m.created_at,
        m.attempt, m.done_handlers, m.size
-FROM (SELECT) AS snapshot LEFT JOIN measured AS m ON m.bytes_before < %s
+FROM (
+    SELECT count(x) AS in_flight, max(x::text::bigint) AS newest_in_flight
+    FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot()) AS x
+) AS s
+LEFT JOIN measured AS m ON m.bytes_before < %s
 ORDER BY m.id
 
 -- name: delete_handled

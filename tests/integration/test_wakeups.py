@@ -63,3 +63,45 @@ def test_a_commit_racing_the_listener_into_sleep_is_not_left_to_the_safety_poll(
         committed = time.monotonic()
     wait_until(lambda: "racing" in handled, timeout=5)
     assert handled["racing"] - committed < 2.0
+
+
+def test_an_event_committed_after_a_later_one_was_handled_is_not_left_to_the_safety_poll(
+    make_app, other_service, libpq_url
+):
+    # Claims start after the last handled id. A transaction that took its
+    # event id first but commits last is still handled at once, without
+    # waiting for the full scan of the safety poll (30 s here): whether the
+    # listener slept when its trigger ran (it is woken) or was busy (no
+    # NOTIFY: it rechecks while transactions are in flight).
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_POLL_INTERVAL=30)
+    names: list[str] = []
+    in_handler, release = threading.Event(), threading.Event()
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def record(event):
+        if event.new["name"] == "blocker":
+            in_handler.set()
+            release.wait(10)
+        names.append(event.new["name"])
+
+    with app.app_context():
+        pgevents.install_triggers()
+    pgevents.start(app)
+    for busy_listener in (False, True):
+        wait_until(lambda: _sleeping_listeners(other_service) == 1)
+        names.clear()
+        in_handler.clear()
+        release.clear()
+        if busy_listener:
+            other_service.execute("INSERT INTO thing (name) VALUES ('blocker')")
+            assert in_handler.wait(5)
+        with psycopg.connect(libpq_url) as slow:
+            slow.execute("INSERT INTO thing (name) VALUES ('first id, committed last')")
+            other_service.execute("INSERT INTO thing (name) VALUES ('second id, committed first')")
+            release.set()
+            wait_until(lambda: "second id, committed first" in names, timeout=5)
+            slow.commit()
+        started = time.monotonic()
+        wait_until(lambda: "first id, committed last" in names, timeout=5)
+        assert time.monotonic() - started < 2
+        assert names[-2:] == ["second id, committed first", "first id, committed last"]

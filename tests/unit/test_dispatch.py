@@ -15,9 +15,9 @@ from flask import Flask
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_pgevents import Event, PGEvents
-from flask_pgevents.dispatch import Dispatcher, Failure, error_record, errors_json, storable
+from flask_pgevents.dispatch import ClaimCursor, Dispatcher, Failure, error_record, errors_json, storable
 from flask_pgevents.registry import TableKey
-from flask_pgevents.store import StoredEvent
+from flask_pgevents.store import Claim, StoredEvent
 
 NEVER_REACHED = "postgresql+psycopg2://u@127.0.0.1:1/db"
 AT = datetime.datetime(2024, 5, 1, 12, tzinfo=datetime.timezone.utc)
@@ -187,3 +187,70 @@ def test_a_stored_insert_or_delete_has_one_side_only(app):
 def test_with_no_retry_due_an_idle_listener_sleeps_for_the_poll_interval(app):
     PGEvents(app)
     assert Dispatcher(app.extensions["pgevents"]).idle_timeout() == 0.25
+
+
+# The claim cursor -------------------------------------------------------------------
+
+
+def claim(xmin: int, newest_in_flight: "int | None" = None) -> Claim:
+    return Claim(in_flight=0 if newest_in_flight is None else 1, xmin=xmin, newest_in_flight=newest_in_flight, events=[])
+
+
+def test_the_cursor_starts_with_a_full_scan_then_claims_after_what_it_handled():
+    cursor = ClaimCursor(full_scan_seconds=10)
+    assert cursor.start(now=0.0) == 0
+    cursor.advance(claim(xmin=100), last_handled=500, more=True)
+    assert cursor.start(now=1.0) == 500
+    cursor.advance(claim(xmin=100), last_handled=640, more=False)
+    assert cursor.start(now=2.0) == 640
+    cursor.advance(claim(xmin=100), last_handled=None, more=False)
+    assert cursor.start(now=3.0) == 640
+
+
+def test_a_batch_that_stopped_early_resumes_after_its_last_handled_event():
+    cursor = ClaimCursor(full_scan_seconds=10)
+    cursor.start(now=0.0)
+    cursor.advance(claim(xmin=100), last_handled=900, more=False)
+    cursor.start(now=11.0)  # a full scan, from 0, that met a full batch ending at 300
+    cursor.advance(claim(xmin=100), last_handled=300, more=True)
+    assert cursor.start(now=12.0) == 300
+
+
+def test_a_region_passed_while_transactions_were_in_flight_is_rescanned_once_they_ended():
+    cursor = ClaimCursor(full_scan_seconds=10)
+    cursor.start(now=0.0)
+    cursor.advance(claim(xmin=100), last_handled=50, more=False)
+    # Transaction 120 may hold an id below 80 and commit after this claim.
+    cursor.advance(claim(xmin=110, newest_in_flight=120), last_handled=80, more=False)
+    assert cursor.start(now=1.0) == 80
+    assert not cursor.rescan_due()
+    cursor.advance(claim(xmin=115, newest_in_flight=125), last_handled=None, more=False)
+    assert cursor.start(now=2.0) == 80  # 120 may still be in flight
+    cursor.advance(claim(xmin=121), last_handled=None, more=False)
+    assert cursor.rescan_due()
+    assert cursor.start(now=3.0) == 50  # rescans what it passed while 120 ran
+    assert not cursor.rescan_due()
+    cursor.advance(claim(xmin=130), last_handled=None, more=False)
+    assert cursor.start(now=4.0) == 80
+
+
+def test_a_full_scan_runs_every_period_and_when_a_retry_is_due():
+    cursor = ClaimCursor(full_scan_seconds=0.5)
+    assert cursor.start(now=0.0) == 0
+    cursor.advance(claim(xmin=100), last_handled=70, more=False)
+    assert cursor.start(now=0.4) == 70
+    assert cursor.start(now=0.4, retry_due=True) == 0
+    assert cursor.start(now=0.5) == 70
+    assert cursor.start(now=0.9) == 0
+
+
+def test_the_cursor_keeps_a_bounded_number_of_regions_and_still_rescans_them_all():
+    cursor = ClaimCursor(full_scan_seconds=1000)
+    cursor.start(now=0.0)
+    for n in range(1, 101):
+        cursor.advance(claim(xmin=n, newest_in_flight=1000 + n), last_handled=n * 10, more=False)
+    assert cursor.start(now=1.0) == 1000
+    cursor.advance(claim(xmin=2000), last_handled=None, more=False)
+    assert cursor.start(now=2.0) == 0  # the first region, passed at position 0, merged with others
+    cursor.advance(claim(xmin=2001), last_handled=None, more=False)
+    assert cursor.start(now=3.0) == 1000
