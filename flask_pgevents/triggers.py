@@ -30,14 +30,18 @@ def function_name(kind: str) -> str:
 
 def function_body(schema: str, kind: str) -> str:
     """The exact source PostgreSQL stores for a capture function (``prosrc``)."""
-    quoted, channel = quote_ident(schema), quote_literal(schema)
-    guard = "\n" + render("broadcast_guard", schema=quoted) if is_broadcast(kind) else ""
+    quoted, op = quote_ident(schema), op_of(kind)
+    fragments = {
+        "schema": quoted,
+        "target": '"broadcast"' if is_broadcast(kind) else '"event"',
+        "guard": "\n" + render("broadcast_guard", schema=quoted) if is_broadcast(kind) else "",
+        "wake": render("capture_wake", schema=quoted, channel=quote_literal(schema)),
+    }
+    if op == "update":
+        return "\n" + render("capture_update", **fragments) + "\n"
+    side = "new" if op == "insert" else "old"
     return "\n" + render(
-        f"capture_{op_of(kind)}",
-        schema=quoted,
-        target='"broadcast"' if is_broadcast(kind) else '"event"',
-        guard=guard,
-        wake=render("capture_wake", schema=quoted, channel=channel),
+        "capture_rows", column=side, op=quote_literal(op), rows=f"pgevents_{side}", **fragments
     ) + "\n"
 
 

@@ -71,7 +71,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET IntervalStyle = postgres SET bytea_output = hex SET extra_float_digits = 1
 AS $pgevents$
 
--- name: capture_insert
+-- name: capture_rows
 -- The capture bodies. Rows are stored as json, not jsonb: fewer bytes per
 -- event (less WAL for every write) and the values' exact text (a json
 -- column's 1e16 stays 1e16). Updates compare that text: json has no equality
@@ -84,11 +84,14 @@ AS $pgevents$
 -- a column named like a PL/pgSQL variable (tg_table_name, ...) from making
 -- the write fail, and "alias.*" is a whole-row reference even when the table
 -- has a column named like the alias. {guard} is empty for queued events.
+--
+-- This body serves inserts (new rows into "new") and deletes (old rows into
+-- "old"); updates pair both.
 #variable_conflict use_variable
 BEGIN{guard}
-    INSERT INTO {schema}.{target} (table_schema, table_name, op, new, size)
-    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'insert', n.j, pg_column_size(n.j)
-    FROM (SELECT to_json(x.*) AS j FROM pgevents_new AS x) AS n;
+    INSERT INTO {schema}.{target} (table_schema, table_name, op, {column}, size)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, {op}, r.j, pg_column_size(r.j)
+    FROM (SELECT to_json(x.*) AS j FROM {rows} AS x) AS r;
 {wake}
 END
 
@@ -110,15 +113,6 @@ BEGIN{guard}
         )
     END
     ORDER BY rn;
-{wake}
-END
-
--- name: capture_delete
-#variable_conflict use_variable
-BEGIN{guard}
-    INSERT INTO {schema}.{target} (table_schema, table_name, op, old, size)
-    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'delete', o.j, pg_column_size(o.j)
-    FROM (SELECT to_json(x.*) AS j FROM pgevents_old AS x) AS o;
 {wake}
 END
 
