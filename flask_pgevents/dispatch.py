@@ -425,6 +425,7 @@ def process_pending(state: AppState, timeout: Optional[float] = None) -> int:
     total = 0
     with Connection(state.url, application_name="pgevents-process-pending") as conn:
         store = Store(conn, state.config.schema)
+        store.claim_in_id_order()
         while deadline is None or time.monotonic() < deadline:
             count = dispatcher.run_batch(store)
             if not count:

@@ -168,6 +168,7 @@ class Listener:
             conn = Connection(self.state.url, application_name="pgevents-listener", keepalives=True)
             store = Store(conn, self.state.config.schema)
             store.skip_commit_flush()
+            store.claim_in_id_order()
             store.listen()  # before the catch-up read, so no event falls in between
             logger.info("pgevents listener connected (pid %s).", os.getpid())
             self._serve(store, dispatcher, housekeeping, reconnect)

@@ -204,6 +204,10 @@ class Store:
     def skip_commit_flush(self) -> None:
         self._run("skip_commit_flush")
 
+    def claim_in_id_order(self) -> None:
+        """Make this connection's claims walk the pending index, whatever the backlog."""
+        self._run("claim_in_id_order")
+
     def register_listener(self) -> None:
         self._run("register_listener")
 

@@ -37,6 +37,14 @@ SELECT pg_catalog.pg_notify(%s, '')
 -- redelivery, which at-least-once allows: skip the flush.
 SET synchronous_commit = off
 
+-- name: claim_in_id_order
+-- For the connections that claim: walk the pending index in id order. The
+-- planner cannot estimate the subscription filter and the LIMIT sits above
+-- FOR UPDATE, so it would otherwise read and sort every pending row on each
+-- claim (measured: 25 ms per claim at 50,000 pending, against 0.9 ms).
+SET enable_seqscan = off;
+SET enable_bitmapscan = off
+
 -- name: installed_triggers
 -- Triggers whose function lives in the event schema, with what they watch.
 SELECT tn.nspname AS table_schema, c.relname AS table_name, t.tgname AS name,
