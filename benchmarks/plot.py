@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draw the benchmark results: docs/latency.png and docs/writers.png.
+"""Draw the benchmark results: docs/latency.png, docs/writers.png and docs/drain.png.
 
 Usage::
 
@@ -48,26 +48,31 @@ def plot_latency(report: dict[str, Any], path: str) -> bool:
     if not scenario or "extra" not in scenario:
         logger.warning("No latency results in the JSON; %s not written.", path)
         return False
-    curves: dict[str, list[list[float]]] = scenario["extra"]["latency_ms_percentiles"]
-    samples = scenario["extra"].get("samples", {})
+    extra = scenario["extra"]
+    # In-process curves (from commit) solid; listener processes (from send), when measured, dashed.
+    curves = [(variant, curve, "-") for variant, curve in extra["latency_ms_percentiles"].items()]
+    curves += [(f"{variant}, listener process, from send", curve, "--")
+               for variant, curve in extra.get("latency_from_send_ms_percentiles", {}).items()]
+    samples = extra.get("samples", {})
     params = scenario.get("params", {})
     figure, (cdf_axis, tail_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
     left_edge, right_edge = 0.0, 0.0
-    for colour, (variant, curve) in zip(COLOURS, curves.items()):
+    for colour, (variant, curve, style) in zip(COLOURS, curves):
         label = f"{variant} (n={samples[variant]:,})" if variant in samples else variant
-        cdf_axis.plot([v for _, v in curve], [q for q, _ in curve], label=label, color=colour)
+        cdf_axis.plot([v for _, v in curve], [q for q, _ in curve], label=label, color=colour, linestyle=style)
         by_percentile = dict(curve)
         left_edge = min(left_edge, by_percentile.get(1.0, 0.0))
         right_edge = max(right_edge, by_percentile.get(99.5, 0.0))
         tail = [(q, v) for q, v in curve if q >= 50]
         # Distance to 100 on a log axis spreads the nines: p50, p90, p99, p99.9.
-        tail_axis.plot([100 - q for q, _ in tail], [max(v, 0.01) for _, v in tail], color=colour, label=variant)
+        tail_axis.plot([100 - q for q, _ in tail], [max(v, 0.01) for _, v in tail], color=colour,
+                       linestyle=style, label=variant)
     cdf_axis.set_xlim(left_edge * 1.1, right_edge * 1.1 or None)
-    cdf_axis.set_xlabel("commit → handler call (ms), p1 to p99.5")
+    cdf_axis.set_xlabel("commit (solid) or send (dashed) → handler call (ms), p1 to p99.5")
     cdf_axis.set_ylabel("percentile")
     cdf_axis.set_title("Latency distribution (CDF)")
     cdf_axis.grid(True, alpha=0.3)
-    cdf_axis.legend(fontsize=8, loc="lower right")
+    cdf_axis.legend(fontsize=7, loc="center right")
     tail_axis.set_xscale("log")
     tail_axis.set_yscale("log")
     ticks = [50, 10, 1, 0.1]
@@ -87,40 +92,71 @@ def plot_latency(report: dict[str, Any], path: str) -> bool:
     return True
 
 
+Series = dict[str, dict[str, dict[str, Any]]]
+
+
+def plot_series(
+    series: Series, path: str, title: str, xlabel: str, ylabel: str, base: int, dashed: str,
+) -> None:
+    """Medians with min-max bars against a log x axis, one line per variant.
+
+    :param series: variant → x value (as a string) → a measurement's JSON record.
+    :param base: the x axis's log base.
+    :param dashed: variants whose name contains this are drawn dashed (diagnostics, anchors).
+    """
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    for colour, (variant, by_x) in zip(COLOURS, series.items()):
+        xs = sorted(int(x) for x in by_x)
+        medians = [by_x[str(x)]["median"] for x in xs]
+        lower = [m - by_x[str(x)]["min"] for m, x in zip(medians, xs)]
+        upper = [by_x[str(x)]["max"] - m for m, x in zip(medians, xs)]
+        axis.errorbar(xs, medians, yerr=[lower, upper], label=variant, color=colour,
+                      linestyle="--" if dashed in variant else "-", marker="o", capsize=3)
+    axis.set_xscale("log", base=base)
+    axis.minorticks_off()  # the measured sizes are the ticks
+    ticks = sorted({int(x) for by_x in series.values() for x in by_x})
+    axis.set_xticks(ticks)
+    axis.set_xticklabels([f"{x:,}" for x in ticks])
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(f"{ylabel} (median, bars: min–max)")  # noqa: RUF001
+    axis.set_ylim(bottom=0)
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_writers(report: dict[str, Any], path: str) -> bool:
     """Writer TPS against the number of concurrent writers, per variant, with min-max bars."""
     scenario = report.get("scenarios", {}).get("writers")
     if not scenario or "extra" not in scenario:
         logger.warning("No writers results in the JSON; %s not written.", path)
         return False
-    tps: dict[str, dict[str, dict[str, Any]]] = scenario["extra"]["tps"]
-    figure, axis = plt.subplots(figsize=(7.5, 4.8))
-    for colour, (variant, by_count) in zip(COLOURS, tps.items()):
-        counts = sorted(int(c) for c in by_count)
-        medians = [by_count[str(c)]["median"] for c in counts]
-        lower = [m - by_count[str(c)]["min"] for m, c in zip(medians, counts)]
-        upper = [by_count[str(c)]["max"] - m for m, c in zip(medians, counts)]
-        style = "--" if "diagnostic" in variant else "-"
-        axis.errorbar(counts, medians, yerr=[lower, upper], label=variant, color=colour,
-                      linestyle=style, marker="o", capsize=3)
-    axis.set_xscale("log", base=2)
-    counts = sorted({int(c) for by_count in tps.values() for c in by_count})
-    axis.set_xticks(counts)
-    axis.set_xticklabels([str(c) for c in counts])
-    axis.set_xlabel("concurrent single-row writers")
-    axis.set_ylabel("commits/s (median, bars: min–max)")  # noqa: RUF001
-    axis.set_ylim(bottom=0)
-    axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=8)
-    axis.set_title(f"Writer throughput with and without capture\n{subtitle(report)}", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    plot_series(
+        scenario["extra"]["tps"], path, f"Writer throughput with and without capture\n{subtitle(report)}",
+        xlabel="concurrent single-row writers", ylabel="commits/s", base=2, dashed="diagnostic",
+    )
+    return True
+
+
+def plot_drain(report: dict[str, Any], path: str) -> bool:
+    """Drain throughput against the size of the committed backlog, per variant, with min-max bars."""
+    scenario = report.get("scenarios", {}).get("backlog")
+    if not scenario or "extra" not in scenario:
+        logger.warning("No backlog results in the JSON; %s not written.", path)
+        return False
+    series = {variant: by_size for variant, by_size in scenario["extra"]["drain"].items() if by_size}
+    plot_series(
+        series, path, f"Draining a committed backlog\n{subtitle(report)}",
+        xlabel="events committed before the drain (log scale)", ylabel="events/s", base=10, dashed="raw",
+    )
     return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Draw docs/latency.png and docs/writers.png.")
+    parser = argparse.ArgumentParser(description="Draw docs/latency.png, docs/writers.png and docs/drain.png.")
     parser.add_argument("results", nargs="?", default=DEFAULT_JSON, help="default: %(default)s")
     parser.add_argument("--out", default=DEFAULT_OUT, help="directory for the PNGs (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -129,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = json.load(results)
     os.makedirs(args.out, exist_ok=True)
     written = 0
-    for filename, plot in (("latency.png", plot_latency), ("writers.png", plot_writers)):
+    for filename, plot in (("latency.png", plot_latency), ("writers.png", plot_writers), ("drain.png", plot_drain)):
         path = os.path.join(args.out, filename)
         if plot(report, path):
             logger.info("Wrote %s.", path)

@@ -10,14 +10,19 @@ Without ``--dsn`` an embedded PostgreSQL is started (the ``embedded`` extra) and
 deleted afterwards. With ``--dsn``, its role must be allowed to create databases:
 every scenario runs in a fresh database ``pgevents_bench_<scenario>`` that is
 dropped at the end. Each measurement is repeated ``--runs`` times (default 5,
-3 with ``--quick``), variants interleaved within each run so that noise from a
-shared machine hits them alike; the table shows the median and the min-max
-spread over the runs, and the JSON (default ``benchmarks/results/latest.json``)
-holds the per-run values, percentile curves and the machine description.
+3 with ``--quick``; backlog, latency_history and pgbench, whose set-up is
+long, 3, and pgbench 1 with ``--quick``), variants interleaved within each run
+so that noise from a shared machine hits them alike; the table shows the
+median and the min-max spread over the runs, and the JSON (default
+``benchmarks/results/latest.json``) holds the per-run values, percentile
+curves and the machine description.
 
-Scenarios: latency, throughput, write_cost, writers, memory, one module each
-in ``benchmarks/scenarios/``; this script only runs them and reports.
-``benchmarks/plot.py`` turns the JSON into ``docs/latency.png`` and ``docs/writers.png``.
+Scenarios: latency, throughput, write_cost, writers, memory, backlog,
+latency_history, pgbench, one module each in ``benchmarks/scenarios/``; this
+script only runs them and reports. pgbench restarts the embedded server with
+``wal_level = logical`` for its logical decoding anchor, and back.
+``benchmarks/plot.py`` turns the JSON into ``docs/latency.png``,
+``docs/writers.png`` and ``docs/drain.png``.
 """
 from __future__ import annotations
 
@@ -46,9 +51,12 @@ BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)
 
+from scenarios.backlog import scenario_backlog  # noqa: E402
 from scenarios.common import FULL, QUICK, BenchServer, ScenarioResult, Settings, connect, scalar  # noqa: E402
 from scenarios.latency import scenario_latency  # noqa: E402
+from scenarios.latency_history import scenario_latency_history  # noqa: E402
 from scenarios.memory import scenario_memory  # noqa: E402
+from scenarios.pgbench import scenario_pgbench  # noqa: E402
 from scenarios.throughput import scenario_throughput  # noqa: E402
 from scenarios.write_cost import scenario_write_cost  # noqa: E402
 from scenarios.writers import scenario_writers  # noqa: E402
@@ -67,6 +75,10 @@ SCENARIOS: dict[str, Callable[[BenchServer, Settings], ScenarioResult]] = {
     "write_cost": scenario_write_cost,
     "writers": scenario_writers,
     "memory": scenario_memory,
+    "backlog": scenario_backlog,
+    "latency_history": scenario_latency_history,
+    # Last: it may restart the embedded server (wal_level) and restores it after.
+    "pgbench": scenario_pgbench,
 }
 
 
@@ -180,7 +192,9 @@ def render_table(report: dict[str, Any]) -> str:
 def run_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
     """Start the server, run the selected scenarios one after the other, and return the report."""
     base = QUICK if args.quick else FULL
-    settings = dataclasses.replace(base, runs=args.runs or base.runs, driver=args.driver)
+    # --runs sets every repetition count, those of the long scenarios included.
+    runs = {"runs": args.runs, "long_runs": args.runs, "pgbench_runs": args.runs} if args.runs else {}
+    settings = dataclasses.replace(base, driver=args.driver, **runs)
     names = list(SCENARIOS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -227,8 +241,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--dsn", help="PostgreSQL URI of a role that may create databases"
                         " (default: start an embedded server)")
-    parser.add_argument("--runs", type=int, help="repetitions of each measurement (default 5, quick 3)")
-    parser.add_argument("--quick", action="store_true", help="fewer and smaller measurements (about 2 min)")
+    parser.add_argument("--runs", type=int, help="repetitions of each measurement (default 5, quick 3;"
+                        " backlog, latency_history and pgbench 3, pgbench 1 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer and smaller measurements (about 5 min for all scenarios)")
     parser.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
     parser.add_argument("--json", default=DEFAULT_JSON, help="where to write the results (default: %(default)s)")
     parser.add_argument("--driver", choices=("psycopg", "psycopg2"), default="psycopg",

@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import logging
-import math
-import threading
-import time
-from typing import Any, Sequence
-
-import psycopg
 
 from .common import (
+    ITEM_DDL,
     OURS,
-    PAYLOAD,
     RAW_CHANNEL,
     ArrivalLog,
+    Arrivals,
     BenchServer,
+    ListenerProcess,
+    ListenerSpec,
     RawListener,
     ScenarioResult,
     Settings,
@@ -22,156 +19,132 @@ from .common import (
     connect,
     create_anchor_tables,
     item_table,
-    percentile,
+    measure_paced_latency,
     percentile_curve,
+    record_latency,
     sqlalchemy_url,
     wait_listening,
 )
 
 logger = logging.getLogger("benchmarks.latency")
 
-SINGLE_INSERT_WITH_ID = "INSERT INTO {table} (id, n, payload) VALUES (%s, %s, %s)"
-
-
-def paced_writer(
-    conn: psycopg.Connection[Any], table: str, ids: Sequence[int], rate: float, first_id: int,
-    started: float, commits: dict[int, float], round_trips: list[float],
-) -> None:
-    """Insert one row per transaction on a fixed schedule; record each commit's return time."""
-    sql = SINGLE_INSERT_WITH_ID.format(table=table)
-    for row_id in ids:
-        delay = started + (row_id - first_id) / rate - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        sent = time.perf_counter()
-        conn.execute(sql, (row_id, 0, PAYLOAD))
-        commits[row_id] = time.perf_counter()
-        round_trips.append(commits[row_id] - sent)
-
-
-def measure_paced_latency(
-    url: str, table: str, log: ArrivalLog, rate: float, seconds: float, writers: int,
-    first_id: int, drain_timeout: float,
-) -> tuple[list[float], int, float, list[float]]:
-    """Run paced writers.
-
-    :returns: sorted commit→delivery latencies (s), how many never arrived, the
-        achieved write rate, and the sorted INSERT+commit round trips (s).
-    """
-    total = int(rate * seconds)
-    ids = list(range(first_id, first_id + total))
-    commit_maps: list[dict[int, float]] = [{} for _ in range(writers)]
-    round_trips: list[list[float]] = [[] for _ in range(writers)]
-    conns = [connect(url) for _ in range(writers)]
-    try:
-        log.reset(keep_times=True)
-        started = time.perf_counter() + 0.05
-        threads = [
-            threading.Thread(
-                target=paced_writer,
-                args=(conns[w], table, ids[w::writers], rate, first_id, started, commit_maps[w], round_trips[w]),
-                name=f"bench-paced-writer-{w}",
-                daemon=True,
-            )
-            for w in range(writers)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        for conn in conns:
-            conn.close()
-    log.wait_for(total, drain_timeout)
-    commits = {k: v for m in commit_maps for k, v in m.items()}
-    arrivals = dict(log.times)
-    latencies = sorted(arrivals[k] - t for k, t in commits.items() if k in arrivals)
-    missing = sum(1 for k in commits if k not in arrivals)
-    span = max(commits.values()) - min(commits.values()) if len(commits) > 1 else math.nan
-    achieved = (len(commits) - 1) / span if span and span > 0 else math.nan
-    return latencies, missing, achieved, sorted(t for trips in round_trips for t in trips)
+#: The listener processes' event schema and NOTIFY channel: nothing they
+#: receive wakes the listeners of this process, and the other way round.
+PROCESS_SCHEMA = "pgevents_proc"
+PROCESS_CHANNEL = "bench_raw_proc"
+#: The metric suffix of the measurements with each listener in its own process.
+PROCESS_LAYOUT = "listener process, from send"
 
 
 def scenario_latency(server: BenchServer, settings: Settings) -> ScenarioResult:
     """Commit → handler-call latency of single-row transactions at a steady rate.
 
-    A writer thread inserts one row per transaction on a fixed schedule
-    (``latency_rate`` per second for ``latency_seconds``) and records
-    ``perf_counter()`` right after each commit returns, keyed by row id; the
-    handler records ``perf_counter()`` when it is called. Same process,
-    different threads and connections. Reported per run: p50 and p99 in ms.
-    The writer's INSERT+commit round trip is reported too: the commit happens
-    somewhere inside it, so it bounds the method's resolution (a NOTIFY can
-    reach the listener thread before the writer thread runs again, which
-    gives latencies slightly below zero).
+    Paced writer threads insert one row per transaction on a fixed schedule
+    (``latency_rate`` per second for ``latency_seconds``), keyed by row id;
+    the handler (or raw loop) records when it sees each row. Reported per
+    run: p50, p99 and max in ms, and the writer's INSERT+commit round trip.
+    Every clock is ``CLOCK_MONOTONIC``, shared by all processes.
 
-    Anchor: a raw psycopg 3 LISTEN loop fed by a per-row AFTER INSERT trigger
-    calling ``pg_notify`` with the row as JSON payload, on the same server,
-    measured the same way (time taken after parsing the payload).
+    Two layouts, interleaved in every run:
+
+    * Listener processes (metrics "…, listener process, from send"): our
+      listener thread runs in a spawned process of its own (an app with
+      ``pgevents.start``, event schema ``pgevents_proc``), and so does the
+      anchor, a raw psycopg 3 LISTEN loop fed by a per-row AFTER INSERT
+      trigger calling ``pg_notify`` with the row as JSON payload (the time
+      taken after parsing it). The clock starts right before the writer
+      sends the INSERT, so latencies include the INSERT+commit round trip
+      and are never negative.
+    * In-process (metrics without suffix, the history of earlier results):
+      our listener thread, and the raw loop, run in the writers' process;
+      the clock starts when the commit returns to the writer thread. A
+      NOTIFY can reach the listener thread before the writer thread reads
+      the clock again, which gives latencies slightly below zero
+      (``negative_fraction`` in the extra data).
     """
     name = "pgevents_bench_latency"
     url = server.create_database(name)
+    raw_in_process = "raw LISTEN (psycopg, per-row NOTIFY), in-process"
     raw = "raw LISTEN (psycopg, per-row NOTIFY)"
     result = ScenarioResult(
         params={"rate_per_s": settings.latency_rate, "seconds": settings.latency_seconds,
                 "writers": settings.latency_writers, "driver": settings.driver},
         measurements=[],
     )
-    create_anchor_tables(url, "latency_item", "latency_raw")
+    create_anchor_tables(url, "latency_item", "latency_raw", [("latency_raw_proc", PROCESS_CHANNEL)])
+    with connect(url) as conn:
+        conn.execute(ITEM_DDL.format(name="latency_proc"))
 
     ours_log = ArrivalLog()
     raw_log = ArrivalLog()
+    ours_url = sqlalchemy_url(url, settings.driver)
     app, pgevents = build_app(
-        sqlalchemy_url(url, settings.driver), [item_table("latency_item")], ["after_insert"],
-        lambda event: ours_log.record((event.new or {})["id"]),
+        ours_url, [item_table("latency_item")], ["after_insert"],
+        lambda event: ours_log.record(event.new["id"]),
     )
     raw_listener = RawListener(url, RAW_CHANNEL, raw_log, "psycopg")
-    pgevents.start(app)
-    raw_listener.start()
-    pooled: dict[str, list[float]] = {OURS: [], raw: []}
+    ours_process = raw_process = None
+    pooled: dict[tuple[str, bool], list[float]] = {}
     next_id = 1_000_000
     try:
+        ours_process = ListenerProcess(
+            ListenerSpec("pgevents", ours_url, tables=("latency_proc",), install=True,
+                         config=(("PGEVENTS_SCHEMA", PROCESS_SCHEMA),)),
+            "bench-latency-listener",
+        )
+        raw_process = ListenerProcess(ListenerSpec("raw", url, channel=PROCESS_CHANNEL), "bench-latency-raw")
+        pgevents.start(app)
+        raw_listener.start()
+        # (variant, table, arrivals, listener in its own process)
+        variants: list[tuple[str, str, Arrivals, bool]] = [
+            (OURS, "latency_item", ours_log, False),
+            (raw_in_process, "latency_raw", raw_log, False),
+            (OURS, "latency_proc", ours_process, True),
+            (raw, "latency_raw_proc", raw_process, True),
+        ]
         with connect(url) as probe:
-            wait_listening(lambda: probe.execute("INSERT INTO latency_item (payload) VALUES ('warm-up')"), ours_log)
-            wait_listening(lambda: probe.execute("INSERT INTO latency_raw (payload) VALUES ('warm-up')"), raw_log)
-        # One short unreported round warms both paths (prepared statements, caches).
-        for table, log in (("latency_item", ours_log), ("latency_raw", raw_log)):
+            for _, table, log, _ in variants:
+                wait_listening(lambda t=table: probe.execute(f"INSERT INTO {t} (payload) VALUES ('warm-up')"), log)
+        # One short unreported round warms every path (prepared statements, caches).
+        for _, table, log, _ in variants:
             measure_paced_latency(url, table, log, settings.latency_rate, 0.3, settings.latency_writers,
                                   next_id, settings.drain_timeout)
             next_id += 10_000_000
-        variants = [(OURS, "latency_item", ours_log), (raw, "latency_raw", raw_log)]
         for run in range(settings.runs):
-            for variant, table, log in variants[run % 2:] + variants[:run % 2]:
-                latencies, missing, achieved, round_trips = measure_paced_latency(
+            shift = run % len(variants)
+            for variant, table, log, own_process in variants[shift:] + variants[:shift]:
+                paced = measure_paced_latency(
                     url, table, log, settings.latency_rate, settings.latency_seconds,
                     settings.latency_writers, next_id, settings.drain_timeout,
                 )
                 next_id += 10_000_000
-                anchor = None if variant == raw else raw
-                for label, q in (("p50", 50), ("p99", 99), ("max", 100)):
-                    result.add(f"{label} latency", variant, "ms", anchor, "difference").values.append(
-                        percentile(latencies, q) * 1e3)
-                result.add("writer INSERT+commit p50", variant, "ms", anchor, "difference").values.append(
-                    percentile(round_trips, 50) * 1e3)
-                result.add("achieved write rate", variant, "rows/s").values.append(achieved)
-                result.add("events not delivered", variant, "events").values.append(missing)
-                pooled[variant].extend(latencies)
-                logger.info("latency run %d %s: p50 %.2f ms p99 %.2f ms (%.0f rows/s, %d missing)",
-                            run + 1, variant, percentile(latencies, 50) * 1e3,
-                            percentile(latencies, 99) * 1e3, achieved, missing)
+                if own_process:
+                    anchor = None if variant == raw else raw
+                    latencies = record_latency(result, paced, variant, anchor, from_send=True, label=PROCESS_LAYOUT)
+                else:
+                    anchor = None if variant == raw_in_process else raw_in_process
+                    latencies = record_latency(result, paced, variant, anchor)
+                pooled.setdefault((variant, own_process), []).extend(latencies)
     finally:
+        for process in (ours_process, raw_process):
+            if process is not None:
+                process.close()
         raw_listener.stop()
         pgevents.stop(timeout=10, app=app)
         server.drop_database(name)
-    result.extra["latency_ms_percentiles"] = {
-        variant: percentile_curve(sorted(samples), 1e3) for variant, samples in pooled.items()
+    for own_process, key in ((False, "latency_ms_percentiles"), (True, "latency_from_send_ms_percentiles")):
+        result.extra[key] = {
+            variant: percentile_curve(sorted(samples), 1e3)
+            for (variant, in_own), samples in pooled.items() if in_own == own_process
+        }
+    result.extra["samples"] = {
+        f"{variant}{f', {PROCESS_LAYOUT}' if own else ''}": len(samples) for (variant, own), samples in pooled.items()
     }
-    result.extra["samples"] = {variant: len(samples) for variant, samples in pooled.items()}
     # Below zero: the event arrived before the writer thread got to read the
     # clock after its commit returned (GIL hand-off, CPU contention).
     result.extra["negative_fraction"] = {
-        variant: round(sum(1 for s in samples if s < 0) / len(samples), 4) if samples else None
-        for variant, samples in pooled.items()
+        f"{variant}{f', {PROCESS_LAYOUT}' if own else ''}":
+            round(sum(1 for s in samples if s < 0) / len(samples), 4) if samples else None
+        for (variant, own), samples in pooled.items()
     }
     return result
-

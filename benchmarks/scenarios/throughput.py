@@ -17,6 +17,7 @@ from .common import (
     connect,
     create_anchor_tables,
     item_table,
+    now,
     run_insert_threads,
     sqlalchemy_url,
     timed_statement,
@@ -71,7 +72,7 @@ def scenario_throughput(server: BenchServer, settings: Settings) -> ScenarioResu
             table, log = ("tp_item", ours_log) if variant == OURS else ("tp_raw", raw_log)
             log.reset()
             insert_seconds = timed_statement(writer, BULK_INSERT.format(table=table), ("", rows))
-            committed = time.perf_counter()
+            committed = now()
             if not log.wait_for(rows, settings.drain_timeout):
                 logger.warning("%s handled only %d of %d events within %.0f s.",
                                variant, log.count, rows, settings.drain_timeout)

@@ -210,15 +210,7 @@ def scenario_writers(server: BenchServer, settings: Settings) -> ScenarioResult:
         pool.close()
         pgevents.stop(timeout=10, app=app)
         server.drop_database(name)
-    result.extra["tps"] = {
-        variant: {
-            str(writers): next(
-                m.as_json(None) for m in result.measurements
-                if m.metric == f"TPS, {writers_label(writers)}" and m.variant == variant
-            )
-            for writers in settings.writer_counts
-        }
-        for variant in variants
-    }
+    result.extra["tps"] = result.series(
+        variants, {str(writers): f"TPS, {writers_label(writers)}" for writers in settings.writer_counts})
     return result
 
