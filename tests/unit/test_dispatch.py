@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from flask import Flask
@@ -192,8 +192,9 @@ def test_with_no_retry_due_an_idle_listener_sleeps_for_the_poll_interval(app):
 # The claim cursor -------------------------------------------------------------------
 
 
-def claim(xmin: int, newest_in_flight: "int | None" = None) -> Claim:
-    return Claim(in_flight=0 if newest_in_flight is None else 1, xmin=xmin, newest_in_flight=newest_in_flight, events=[])
+def claim(xmin: int, newest_in_flight: Optional[int] = None) -> Claim:
+    in_flight = 0 if newest_in_flight is None else 1
+    return Claim(in_flight=in_flight, xmin=xmin, newest_in_flight=newest_in_flight, events=[])
 
 
 def test_the_cursor_starts_with_a_full_scan_then_claims_after_what_it_handled():
@@ -254,3 +255,17 @@ def test_the_cursor_keeps_a_bounded_number_of_regions_and_still_rescans_them_all
     assert cursor.start(now=2.0) == 0  # the first region, passed at position 0, merged with others
     cursor.advance(claim(xmin=2001), last_handled=None, more=False)
     assert cursor.start(now=3.0) == 1000
+
+
+def test_a_slow_scan_from_the_start_spaces_out_the_next_ones():
+    # With deleted entries vacuum cannot remove yet, a scan from the first id
+    # walks them all: such scans may take about 1% of the time, no more.
+    cursor = ClaimCursor(full_scan_seconds=0.5)
+    assert cursor.start(now=0.0) == 0
+    cursor.full_scan_took(0.3)
+    cursor.advance(claim(xmin=100), last_handled=10, more=False)
+    assert cursor.start(now=29.0) == 10
+    assert cursor.start(now=30.0) == 0
+    cursor.full_scan_took(0.001)
+    assert cursor.start(now=30.4) == 10
+    assert cursor.start(now=30.5) == 0
