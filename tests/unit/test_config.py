@@ -280,3 +280,14 @@ def test_a_number_that_is_not_finite_is_refused(value):
         " the default 0.5.",
     ):
         config(PGEVENTS_POLL_INTERVAL=value)
+
+
+def test_every_key_is_documented_in_the_readme_and_in_init_app():
+    from pathlib import Path
+
+    from flask_pgevents import PGEvents
+
+    readme = (Path(__file__).resolve().parents[2] / "README.rst").read_text(encoding="utf-8")
+    for key in DEFAULTS:
+        assert f"``{key}``" in readme, key
+        assert key in (PGEvents.init_app.__doc__ or ""), key
