@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from flask_pgevents import PGEvents
@@ -72,12 +73,21 @@ _roles = itertools.count()
 
 @pytest.fixture
 def make_role(libpq_url: str, other_service: psycopg.Connection) -> Iterator[Callable[..., str]]:
-    """Create login roles (trust auth on the embedded server); dropped after the test."""
+    """Create login roles, dropped after the test.
+
+    They get the test server's password, if its URI has one (the embedded
+    server trusts local connections), so that ``role_url`` can log in as them.
+    """
     created: list[str] = []
+    password = make_url(libpq_url).password
 
     def create(*privileges: str) -> str:
         name = f"pgevents_role_{other_service.info.backend_pid}_{next(_roles)}"
         other_service.execute(f'CREATE ROLE "{name}" LOGIN {" ".join(privileges)}')
+        if password:
+            other_service.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(name), sql.Literal(password))
+            )
         created.append(name)
         return name
 

@@ -226,10 +226,10 @@ def test_a_captured_pickle_is_not_loaded_unless_trusted(make_app, other_service,
     assert recorder.events[0].new["trusted"] == {"k": 1}
 
 
-def test_a_claim_is_bounded_by_bytes(make_app, other_service):
+def test_a_claim_is_bounded_by_bytes(make_app, other_service, libpq_url):
     app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_BATCH_BYTES=1_000_000)
     transactions: list[Any] = []
-    with psycopg.connect(other_service.info.dsn, autocommit=True) as observer:
+    with psycopg.connect(libpq_url, autocommit=True) as observer:
 
         @pgevents.listens_for(Thing, "after_insert")
         def measure(event: Any) -> None:

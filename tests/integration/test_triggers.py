@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime
 import decimal
-import itertools
-import os
 import threading
 import uuid
 from typing import Any
@@ -13,13 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from conftest import role_url
 from psycopg import sql
-from sqlalchemy.engine import make_url
 
 from flask_pgevents import ConfigurationError
 
 ALL = ["after_insert", "after_update", "after_delete"]
-_roles = itertools.count()
 
 
 def _q(name: str) -> str:
@@ -706,30 +703,25 @@ def test_column_names_that_shadow_names_in_the_capture_functions(make_app, other
 
 
 def test_a_role_without_privileges_on_the_event_schema_can_still_write(
-    make_app, other_service, libpq_url, recorder
+    make_app, make_role, other_service, libpq_url, recorder
 ):
     app, db, pgevents, User = _user_app(make_app)
     pgevents.listen(User, ALL, recorder)
     with app.app_context():
         db.create_all()
         pgevents.install_triggers()
-    role = f"pgevents_writer_{os.getpid()}_{next(_roles)}"
-    other_service.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-    try:
-        other_service.execute(
-            sql.SQL('GRANT SELECT, INSERT, UPDATE, DELETE ON "user" TO {0};'
-                    " GRANT USAGE ON SEQUENCE user_id_seq TO {0}").format(sql.Identifier(role))
-        )
-        writer_url = make_url(libpq_url).set(username=role, password=None).render_as_string(hide_password=False)
-        with psycopg.connect(writer_url, autocommit=True) as writer:
-            assert writer.execute("SELECT current_user").fetchone() == (role,)
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                writer.execute("SELECT count(*) FROM pgevents.event")
-            writer.execute("""INSERT INTO "user" (email, name) VALUES ('a@x', 'A')""")
-            writer.execute("""UPDATE "user" SET name = 'B'""")
-            writer.execute('DELETE FROM "user"')
-    finally:
-        other_service.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
+    role = make_role()
+    other_service.execute(
+        sql.SQL('GRANT SELECT, INSERT, UPDATE, DELETE ON "user" TO {0};'
+                " GRANT USAGE ON SEQUENCE user_id_seq TO {0}").format(sql.Identifier(role))
+    )
+    with psycopg.connect(role_url(libpq_url, role), autocommit=True) as writer:
+        assert writer.execute("SELECT current_user").fetchone() == (role,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            writer.execute("SELECT count(*) FROM pgevents.event")
+        writer.execute("""INSERT INTO "user" (email, name) VALUES ('a@x', 'A')""")
+        writer.execute("""UPDATE "user" SET name = 'B'""")
+        writer.execute('DELETE FROM "user"')
     assert _drain(app, pgevents) == 3
     a, b = {"id": 1, "email": "a@x", "name": "A"}, {"id": 1, "email": "a@x", "name": "B"}
     assert _changes(recorder) == [("insert", {}, a), ("update", a, b), ("delete", b, {})]
