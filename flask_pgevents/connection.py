@@ -130,29 +130,28 @@ class Connection:
         self.cursor.execute(sql, params)
         return self.cursor
 
-    def take_notifications(self) -> int:
-        """How many wake-ups arrived since the last call; does not block."""
+    def take_notifications(self) -> list[str]:
+        """The payloads of the wake-ups that arrived since the last call; does not block."""
         if self.driver == "psycopg":
-            return sum(1 for _ in self.raw.notifies(timeout=0))
+            return [notify.payload for notify in self.raw.notifies(timeout=0)]
         self.raw.poll()
-        count = len(self.raw.notifies)
+        payloads = [notify.payload for notify in self.raw.notifies]
         del self.raw.notifies[:]
-        return count
+        return payloads
 
-    def wait(self, timeout: float, interrupt: Optional[int] = None) -> bool:
+    def wait(self, timeout: float, interrupt: Optional[int] = None) -> list[str]:
         """Block until a NOTIFY arrives, ``interrupt`` is readable or ``timeout``
-        seconds pass; True if notified.
+        seconds pass; return the payloads of the wake-ups (empty if none).
 
         :param interrupt: a file descriptor that ends the wait early (the
             read end of a pipe written to stop the listener).
         """
-        if self.take_notifications():
-            return True
-        if timeout <= 0:
-            return False
+        payloads = self.take_notifications()
+        if payloads or timeout <= 0:
+            return payloads
         watched = [self.raw] if interrupt is None else [self.raw, interrupt]
         select.select(watched, [], [], timeout)
-        return self.take_notifications() > 0
+        return self.take_notifications()
 
     def __enter__(self) -> Connection:
         return self

@@ -118,6 +118,10 @@ class ClaimCursor:
         ready = self._ready()
         return self._rescan_from(min(ready)) if ready else self.position
 
+    def request_full_scan(self) -> None:
+        """Start the next claim from the first id (events were queued behind the cursor)."""
+        self._last_full_scan = float("-inf")
+
     def full_scan_took(self, seconds: float) -> None:
         """How long the last claim from the first id took: sets when the next one runs."""
         self._full_scan_gap = max(self.full_scan_seconds, seconds / self.FULL_SCAN_SHARE)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 from .connection import CONNECTION_ERRORS, Connection, sqlstate
 from .dispatch import BROADCAST_RETENTION_SECONDS, Dispatcher
 from .pacing import Backoff, Pacer, Step
-from .store import Store
+from .store import RESCAN, Store
 
 if TYPE_CHECKING:
     from .config import Config
@@ -198,17 +198,20 @@ class Listener:
             if not handled:
                 housekeeping.purge_if_due(store)
             step = pacer.after_claim(handled, dispatcher.in_flight, dispatcher.idle_timeout)
-            if self._take(store, step) and step.sleeping:
+            woken = self._take(store, step)
+            if RESCAN in woken:
+                dispatcher.cursor.request_full_scan()
+            if woken and step.sleeping:
                 self._take(store, pacer.woken())
         if not store.conn.closed:
             store.unregister_listener()
 
-    def _take(self, store: Store, step: Step) -> bool:
-        """Publish the step's idle flag, then wait as it says; True if notified."""
+    def _take(self, store: Store, step: Step) -> list[str]:
+        """Publish the step's idle flag, then wait as it says; return the wake-ups' payloads."""
         if step.idle is not None:
             store.set_listener_idle(step.idle)
         if step.wait is None or self._stop.is_set() or self._wake is None:
-            return False
+            return []
         return store.conn.wait(step.wait, self._wake[0])
 
     def _log_failure(self, exc: Exception, delay: float) -> None:

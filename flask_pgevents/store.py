@@ -101,6 +101,11 @@ def _placeholders(sql: str) -> set[str]:
 _SCHEMA_QUERIES = [name for name, sql in BLOCKS.items() if _placeholders(sql) == {"schema"}]
 
 
+#: The payload of a wake-up that asks listeners to claim from the first id
+#: (writers' wake-ups have none).
+RESCAN = "rescan"
+
+
 def subscription_key(table: TableKey, op: str) -> str:
     """How the claim names a table and op, unambiguously for any names."""
     return f"{len(table.schema)}:{table.schema}{table.name}:{op}"
@@ -198,8 +203,9 @@ class Store:
         """Receive the wake-ups of writers; the channel is the schema's name."""
         self.conn.execute(render("listen", channel=quote_ident(self.schema)))
 
-    def notify(self) -> None:
-        self._run("notify", (self.schema,))
+    def notify(self, payload: str = "") -> None:
+        """Wake the listeners; :data:`RESCAN` also makes them claim from the first id."""
+        self._run("notify", (self.schema, payload))
 
     def skip_commit_flush(self) -> None:
         self._run("skip_commit_flush")
@@ -297,7 +303,7 @@ class Store:
             return 0
         count = self._run("retry_failed", (event_ids is None, list(event_ids or [])))
         if count:
-            self.notify()
+            self.notify(RESCAN)  # the retried events lie behind the listeners' cursors
         return count
 
     def installed_triggers(self) -> list[TriggerRow]:

@@ -30,7 +30,7 @@ RELEASE SAVEPOINT pgevents_savepoint
 LISTEN {channel}
 
 -- name: notify
-SELECT pg_catalog.pg_notify(%s, '')
+SELECT pg_catalog.pg_notify(%s, %s)
 
 -- name: skip_commit_flush
 -- Losing the commit of a settled batch in a server crash only means

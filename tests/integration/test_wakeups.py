@@ -105,3 +105,33 @@ def test_an_event_committed_after_a_later_one_was_handled_is_not_left_to_the_saf
         wait_until(lambda: "first id, committed last" in names, timeout=5)
         assert time.monotonic() - started < 2
         assert names[-2:] == ["second id, committed first", "first id, committed last"]
+
+
+def test_retried_events_behind_a_listeners_cursor_are_handled_at_once(make_app, other_service):
+    # 'flask pgevents retry' queues events whose ids the running listener
+    # has passed: its wake-up asks for a claim from the first id, so they do
+    # not wait for the next full scan of the safety poll (30 s here).
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_POLL_INTERVAL=30, PGEVENTS_MAX_ATTEMPTS=1)
+    calls: list[str] = []
+    healthy = threading.Event()
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def flaky(event):
+        calls.append(event.new["name"])
+        if not healthy.is_set():
+            raise RuntimeError("down")
+
+    with app.app_context():
+        pgevents.install_triggers()
+    pgevents.start(app)
+    other_service.execute("INSERT INTO thing (name) VALUES ('a'), ('b')")
+    wait_until(lambda: other_service.execute(
+        "SELECT count(*) FROM pgevents.event WHERE status = 'failed'").fetchone()[0] == 2)
+    healthy.set()
+    other_service.execute("INSERT INTO thing (name) VALUES ('c')")  # moves the cursor past them
+    wait_until(lambda: calls.count("c") == 1)
+    with app.app_context():
+        assert pgevents.retry_failed() == 2
+    started = time.monotonic()
+    wait_until(lambda: calls.count("a") == 2 and calls.count("b") == 2, timeout=5)
+    assert time.monotonic() - started < 2

@@ -105,7 +105,7 @@ def test_no_placeholder_is_inside_quotes(name):
 def test_blocks_without_placeholders_render_as_they_are():
     assert render("begin") == "BEGIN"
     assert render("safe_search_path") == "SET search_path = pg_catalog, pg_temp"
-    assert render("notify") == "SELECT pg_catalog.pg_notify(%s, '')"
+    assert render("notify") == "SELECT pg_catalog.pg_notify(%s, %s)"
 
 
 def test_render_fills_in_quoted_fragments():
