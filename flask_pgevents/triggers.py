@@ -130,7 +130,6 @@ class TriggerManager:
                 "create_schema",
                 schema=schema,
                 event_id_sequence=quote_literal(f'{schema}."event_id_seq"'),
-                event_table=quote_literal(f'{schema}."event"'),
             )
         ]
         role = quote_ident(owner.role) if owner.role else ""

@@ -106,11 +106,12 @@ FROM {schema}."event"
 -- A claim is bounded by rows and by bytes: rows past PGEVENTS_BATCH_BYTES are
 -- not sent (at least one always is) and are released when the batch commits.
 -- The listener sizes its LIMIT from the bytes per row it has seen, so that it
--- rarely locks rows it will not send. Rows written before events had a size
--- count their stored size.
+-- rarely locks rows it will not send. Sizes are the rows' stored sizes
+-- (pg_column_size reads only the header, even of a TOASTed value), which
+-- compression can make smaller than their text.
 WITH claimed AS (
     SELECT id, table_schema, table_name, op, old, new, created_at, attempt, done_handlers,
-           coalesce(size, coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0)) AS size
+           coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0) AS size
     FROM {schema}."event"
     WHERE status = 'pending' AND id > %s AND (run_after IS NULL OR run_after <= now())
       AND length(table_schema) || ':' || table_schema || table_name || ':' || op = ANY(%s)
@@ -187,7 +188,7 @@ FROM (
     SELECT b.*, sum(b.size) OVER (ORDER BY txid, id) - b.size AS bytes_before
     FROM (
         SELECT txid, id, table_schema, table_name, op, old, new, created_at,
-               coalesce(size, coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0)) AS size
+               coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0) AS size
         FROM {schema}."broadcast"
         WHERE (txid, id) > (%s::xid8, %s)
           AND txid < pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())

@@ -331,12 +331,10 @@ def test_an_install_of_the_previous_version_is_upgraded_with_its_backlog(make_ap
     with app.app_context():
         pgevents.install_triggers()
     assert "runs as the superuser 'postgres'" in caplog.text
-    # What 0.1 left: no size column, functions owned by the installer and
-    # callable by anyone, and a backlog of pending events.
+    # What 0.1 left: functions owned by the installer and callable by
+    # anyone, and a backlog of pending events.
     other_service.execute("""
         DROP TRIGGER pgevents_insert ON thing;
-        ALTER TABLE pgevents.event DROP COLUMN size;
-        ALTER TABLE pgevents.broadcast DROP COLUMN size;
         ALTER FUNCTION pgevents.capture_insert() OWNER TO postgres;
         GRANT EXECUTE ON FUNCTION pgevents.capture_insert() TO PUBLIC;
         INSERT INTO pgevents.event (table_schema, table_name, op, new)

@@ -480,7 +480,7 @@ def test_a_listener_role_gets_exactly_the_listener_grants():
 def test_broadcast_grants_only_when_a_handler_is_broadcast():
     assert grants(broadcast=True) == [
         render("listener_grants", schema='"pgevents"', role='"reader"'),
-        'GRANT SELECT (txid, id, table_schema, table_name, op, old, new, size, created_at), DELETE'
+        'GRANT SELECT (txid, id, table_schema, table_name, op, old, new, created_at), DELETE'
         ' ON "pgevents"."broadcast" TO "reader";',
     ]
 
