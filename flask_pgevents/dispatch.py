@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable, Optional
 from .connection import CONNECTION_ERRORS, Connection
 from .events import Event, changed_in_json, load_row
 from .pacing import Backoff
-from .registry import BROADCAST_PREFIX, Subscription
+from .registry import Subscription, broadcast_kind
 from .store import Claim, Store, StoredEvent, subscription_key
 
 if TYPE_CHECKING:
@@ -421,7 +421,7 @@ class Dispatcher:
         self.broadcast_position = (rows[-1].txid or "0", rows[-1].id)
         with state.app.app_context():
             for stored in rows:
-                subscriptions = state.registry.handlers_for(stored.table, BROADCAST_PREFIX + stored.op)
+                subscriptions = state.registry.handlers_for(stored.table, broadcast_kind(stored.op))
                 if not subscriptions:
                     continue
                 try:

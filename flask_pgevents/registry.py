@@ -33,8 +33,15 @@ OPS = tuple(EVENT_OPS.values())
 #: Broadcast handlers are kept apart under "broadcast_<op>": they have
 #: triggers and a table of their own.
 BROADCAST_PREFIX = "broadcast_"
+
+
+def broadcast_kind(op: str) -> str:
+    """``"broadcast_insert"`` for ``"insert"``: the kind of broadcast handlers of an op."""
+    return BROADCAST_PREFIX + op
+
+
 #: Every kind: queued delivery per op, and broadcast.
-TRIGGER_KINDS = OPS + tuple(BROADCAST_PREFIX + op for op in OPS)
+TRIGGER_KINDS = OPS + tuple(broadcast_kind(op) for op in OPS)
 #: PostgreSQL cuts longer identifiers (NAMEDATALEN - 1).
 MAX_IDENTIFIER_BYTES = 63
 
@@ -303,7 +310,7 @@ class Registry:
         added = []
         with self._lock:
             for op in ops:
-                kind = BROADCAST_PREFIX + op if broadcast else op
+                kind = broadcast_kind(op) if broadcast else op
                 sub = Subscription(
                     table_key, kind, fn, wanted, self._name_for(table_key, kind, fn), model, sa_table
                 )
