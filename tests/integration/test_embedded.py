@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import psycopg
@@ -14,11 +15,23 @@ def _postmaster_pid(pgdata: str) -> int:
 
 
 def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    """Whether ``pid`` is a live process, waiting up to 10 s for it to end.
+
+    The postmaster removes its pid file just before it exits, so ``pg_ctl -w
+    stop`` can return a moment early; and a postmaster that ``pg_ctl`` started
+    is reparented, so where nothing reaps orphans it stays a zombie.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if state in ("Z", "X"):
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.05)
 
 
 def test_a_restarted_server_is_stopped_by_stop_and_its_directory_removed():
