@@ -17,7 +17,7 @@ Set up the tables and triggers once, then serve::
 ``--preload`` works too: the listener starts in each worker after the fork.
 ``python examples/gunicorn_app.py`` alone sets up the database and serves
 with two workers until Ctrl-C; without ``DATABASE_URL`` it first starts an
-embedded PostgreSQL (``pip install 'flask-pgevents[embedded]'``).
+embedded PostgreSQL (``pip install -e '.[embedded]'`` in a clone).
 """
 from __future__ import annotations
 

@@ -93,11 +93,11 @@ def create_app(database_url: str) -> Flask:
     """The app factory: the usual Flask-SQLAlchemy set-up plus PGEvents."""
     app = Flask(__name__)
     app.config["SQLALCHEMY_DATABASE_URI"] = database_url
-    # PGEvents starts its listener thread in init_app when the app is served
-    # (flask run, gunicorn, or a plain script like this one). That is what a
-    # web app wants, where the triggers were installed at deploy time with
-    # `flask pgevents install-triggers`. This script installs them itself
-    # below, so it turns autostart off and calls start() once they exist.
+    # PGEvents starts its listener thread by itself only where the app is
+    # served (flask run, gunicorn, ...): a plain script like this one that
+    # creates the app handles no events unless it asks. This one asks: it
+    # installs the triggers below, then calls start(). Autostart stays off
+    # so that nothing listens before the triggers exist, however it is run.
     app.config["PGEVENTS_AUTOSTART"] = False
     # Keep this example's triggers and stored events apart from any other
     # app's in the same database (the default schema is "pgevents"), so that

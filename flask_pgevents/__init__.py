@@ -3,11 +3,19 @@ from __future__ import annotations
 
 from .errors import (
     AlreadyRegisteredError,
+    CommandLineConfigurationError,
     ConfigurationError,
+    DatabaseAccessError,
+    DatabaseUnavailableError,
+    DisabledError,
+    HandlerFailedError,
     IdentifierTooLongError,
+    InstallLockError,
     InvalidHandlerError,
+    MigrationContextError,
     MissingTableError,
     PGEventsError,
+    TriggerOwnershipError,
     UnknownColumnError,
     UnknownEventError,
     UnknownHandlerError,
@@ -17,17 +25,25 @@ from .errors import (
 from .events import Event
 from .extension import PGEvents
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AlreadyRegisteredError",
+    "CommandLineConfigurationError",
     "ConfigurationError",
+    "DatabaseAccessError",
+    "DatabaseUnavailableError",
+    "DisabledError",
     "Event",
+    "HandlerFailedError",
     "IdentifierTooLongError",
+    "InstallLockError",
     "InvalidHandlerError",
+    "MigrationContextError",
     "MissingTableError",
     "PGEvents",
     "PGEventsError",
+    "TriggerOwnershipError",
     "UnknownColumnError",
     "UnknownEventError",
     "UnknownHandlerError",

@@ -9,17 +9,19 @@ import datetime
 import functools
 import logging
 import signal
+import textwrap
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from .connection import CONNECTION_ERRORS
+from .connection import CONNECTION_ERRORS, as_sentence, classify, error_reason, sqlstate
 from .errors import PGEventsError
 
 if TYPE_CHECKING:
     from .state import AppState
+    from .triggers import InstallPlan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,24 +33,56 @@ def _state() -> AppState:
             "flask-pgevents is not set up on this app. Call 'PGEvents(app)' or"
             " 'pgevents.init_app(app)' in your app factory."
         )
+    if not state.enabled:
+        raise click.ClickException(
+            "flask-pgevents is disabled on this app (PGEVENTS_ENABLED is False). Set"
+            " PGEVENTS_ENABLED to True, with a PostgreSQL database configured, to use"
+            " 'flask pgevents'."
+        )
     return state
 
 
 def _database_errors(fn: F) -> F:
-    """Report an unreachable database as a one-line error naming it, password hidden."""
+    """Report database failures as one-line errors naming the database, password hidden.
+
+    Failures to connect come worded by the connection ("Could not connect
+    to ...", "Authentication failed for ..."); this words what fails later.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except CONNECTION_ERRORS as exc:
-            url = _state().url.render_as_string(hide_password=True)
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise click.ClickException(f"Could not reach the database {url}: {reason}") from None
         except PGEventsError as exc:
             raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            message = _database_failure(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _database_failure(exc: Exception) -> Optional[str]:
+    """The one-line message for a database failure in the middle of a command, if it is one."""
+    state = _state()
+    url = state.url.render_as_string(hide_password=True)
+    reason = error_reason(exc)
+    if sqlstate(exc) == "57014":  # query_canceled: the statement timeout, or an operator
+        return (
+            f"The database {url} canceled a statement: {reason}. PGEVENTS_STATEMENT_TIMEOUT"
+            f" is {state.config.statement_timeout:g} s."
+        )
+    failure = classify(exc)
+    if failure == "privilege":
+        return (
+            f"The role {state.url.username!r} may not do this on the database {url}: {reason}."
+            " Run the command as the role that installed the triggers, or grant what is missing."
+        )
+    if failure is not None or isinstance(exc, CONNECTION_ERRORS):
+        return f"Lost the connection to the database {url}: {as_sentence(reason)}"
+    return None
 
 
 def _age(delta: Optional[datetime.timedelta]) -> str:
@@ -69,25 +103,35 @@ def pgevents_cli() -> None:
 
 @pgevents_cli.command("install-triggers")
 @click.option("--sql", "print_sql", is_flag=True, help="Print the SQL instead of running it.")
+@click.option("--prune", is_flag=True, help="Also drop this app's triggers that no handler needs.")
 @with_appcontext
 @_database_errors
-def install_triggers(print_sql: bool) -> None:
-    """Create the event schema and the triggers the handlers need."""
+def install_triggers(print_sql: bool, prune: bool) -> None:
+    """Create the event schema and the needed triggers; print the plan."""
     state = _state()
     if print_sql:
-        # One transaction, as install-triggers runs it: safe to pipe into psql.
-        statements = state.extension.install_sql(current_app)
-        click.echo("BEGIN;")
-        for statement in statements:
+        # No transaction control: paste it into a migration, or pipe it to
+        # 'psql --single-transaction'.
+        plan = state.extension.install_sql(current_app, prune=prune)
+        for statement in plan.statements:
             click.echo(statement.strip())
-        click.echo("COMMIT;")
+        if not plan.statements:
+            click.echo("-- 0 changes: the event schema and the triggers are up to date.")
         return
-    state.extension.install_triggers(current_app)
-    needed = state.registry.needed_triggers()
-    for (table, op), columns in sorted(needed.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-        watched = f" (columns: {', '.join(sorted(columns))})" if columns else ""
-        click.echo(f"installed {op} trigger on {table}{watched}")
-    click.echo(f"{len(needed)} trigger(s) installed in schema {state.config.schema!r}.")
+    plan = state.extension.install_triggers(current_app, prune=prune)
+    _echo_plan(plan, state.config.schema)
+
+
+def _echo_plan(plan: InstallPlan, schema: str) -> None:
+    width = max((len(str(step.table)) for step in plan.steps if step.table is not None), default=0)
+    for step in plan.steps:
+        detail = f"  ({step.detail})" if step.detail else ""
+        if step.table is None:
+            click.echo(f"{step.action:<8} {step.kind} {schema!r}{detail}")
+        else:
+            click.echo(f"{step.action:<8} {step.table!s:<{width}}  {step.kind:<16}{detail}".rstrip())
+    changes = plan.changes
+    click.echo(f"{changes} change{'' if changes == 1 else 's'} in schema {schema!r}.")
 
 
 @pgevents_cli.command("grant-listener")
@@ -108,11 +152,26 @@ def grant_listener(role: str, print_sql: bool) -> None:
 
 @pgevents_cli.command("uninstall-triggers")
 @click.option("--drop-schema", is_flag=True, help="Also drop the event schema and every stored event.")
+@click.option("--yes", is_flag=True, help="Drop the schema without asking.")
+@click.option("--sql", "print_sql", is_flag=True, help="Print the SQL instead of running it.")
 @with_appcontext
 @_database_errors
-def uninstall_triggers(drop_schema: bool) -> None:
-    """Drop the capture triggers (and, with --drop-schema, the stored events)."""
+def uninstall_triggers(drop_schema: bool, yes: bool, print_sql: bool) -> None:
+    """Drop this app's capture triggers (and, with --drop-schema, the stored events)."""
     state = _state()
+    if print_sql:
+        for statement in state.extension.uninstall_sql(current_app, drop_schema=drop_schema):
+            click.echo(statement.strip())
+        return
+    if drop_schema and not yes:
+        backlog = state.extension.drop_schema_contents(current_app)
+        if backlog is not None:
+            click.echo(
+                f"Dropping schema {state.config.schema!r} deletes {backlog.pending} pending and"
+                f" {backlog.failed} failed event(s), and the triggers of every app that shares it."
+            )
+            if not click.confirm("Drop it?", default=False):
+                raise click.ClickException("Nothing was dropped.")
     removed = state.extension.uninstall_triggers(current_app, drop_schema=drop_schema)
     click.echo(f"{removed} trigger(s) removed.")
     if drop_schema:
@@ -148,11 +207,17 @@ def status() -> None:
 
 @pgevents_cli.command("failed")
 @click.option("--limit", default=50, show_default=True, help="Show at most this many.")
+@click.option("--traceback", "show_traceback", is_flag=True, help="Also show each traceback and the row.")
 @with_appcontext
 @_database_errors
-def failed(limit: int) -> None:
+def failed(limit: int, show_traceback: bool) -> None:
     """List events whose handlers failed on every attempt."""
     state = _state()
+    if not state.extension.schema_installed(current_app):
+        raise click.ClickException(
+            f"The event schema {state.config.schema!r} is not installed in this database;"
+            " run 'flask pgevents install-triggers'."
+        )
     rows = state.extension.failed_events(current_app, limit=limit)
     if not rows:
         click.echo("No failed events.")
@@ -163,7 +228,13 @@ def failed(limit: int) -> None:
             f" at {row['timestamp'].isoformat()}"
         )
         for handler, error in sorted(row["errors"].items()):
-            click.echo(f"  {handler}: {error['error']}")
+            click.echo(f"  {handler}: {error.get('error', '')}")
+            if show_traceback and error.get("traceback"):
+                click.echo(textwrap.indent(error["traceback"].rstrip("\n"), "    "))
+        if show_traceback:
+            for side in ("old", "new"):
+                if row[side] is not None:
+                    click.echo(f"  {side}: {row[side]}")
 
 
 @pgevents_cli.command("retry")
@@ -189,7 +260,11 @@ def retry(retry_all: bool, event_ids: tuple[int, ...]) -> None:
 @pgevents_cli.command("listen")
 @with_appcontext
 def listen() -> None:
-    """Run the listener in the foreground until SIGTERM or Ctrl-C."""
+    """Run the listener in the foreground until SIGTERM or Ctrl-C.
+
+    Exits with status 1 at once if the database refuses the role or does not
+    exist, and if the listener does not stop within PGEVENTS_STOP_TIMEOUT.
+    """
     state = _state()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -201,18 +276,42 @@ def listen() -> None:
     def request_stop(signum: int, frame: Any) -> None:
         listener.request_stop()
 
+    announced = False
+
+    def announce() -> None:  # in the listener thread, before its first claim
+        nonlocal announced
+        if not announced:
+            announced = True
+            click.echo(
+                f"Listening for events in schema {state.config.schema!r} on"
+                f" {state.url.render_as_string(hide_password=True)}; SIGTERM or Ctrl-C stops."
+            )
+
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    click.echo(
-        f"Listening for events in schema {state.config.schema!r} on"
-        f" {state.url.render_as_string(hide_password=True)}; SIGTERM or Ctrl-C stops."
-    )
     try:
-        listener.run()
+        # The loop runs in its thread, so that this one stays free to give
+        # up on it: a query to a server that stopped answering cannot be
+        # interrupted.
+        listener.start(fail_fast=True, on_connect=announce)
+        while listener.running and not listener.stop_requested:
+            listener.join(0.1)
+        ended_alone = not listener.stop_requested
+        stopped = listener.stop(state.config.stop_timeout)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        # Handlers may have used the app's engines: close their pooled
-        # connections now rather than leave them to garbage collection.
-        for engine in getattr(state.db, "engines", {}).values():
-            engine.dispose()
+    if listener.failure is not None:
+        raise click.ClickException(str(listener.failure))
+    if not stopped:
+        raise click.ClickException(
+            f"The listener did not stop within {state.config.stop_timeout:.1f} s"
+            " (PGEVENTS_STOP_TIMEOUT); exiting anyway. Events it had not settled are"
+            " handled again by the next listener."
+        )
+    # Handlers may have used the app's engines: close their pooled
+    # connections now rather than leave them to garbage collection.
+    for engine in getattr(state.db, "engines", {}).values():
+        engine.dispose()
+    if ended_alone:  # pragma: no cover - the loop ends only when asked or on a failure
+        raise click.ClickException("The listener ended unexpectedly; see the log above.")
     click.echo("Listener stopped.")

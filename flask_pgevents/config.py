@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Union
 
 from .errors import ConfigurationError
 from .registry import MAX_IDENTIFIER_BYTES, TRIGGER_KINDS
 
+#: ``PGEVENTS_AUTOSTART``: ``True`` (serving processes), ``False`` (never) or ``"always"``.
+Autostart = Union[bool, Literal["always"]]
+
 #: Every configuration key with its default; the README describes each.
 DEFAULTS: dict[str, Any] = {
+    "PGEVENTS_ENABLED": True,
     "PGEVENTS_DATABASE_URI": None,
     "PGEVENTS_SCHEMA": "pgevents",
     "PGEVENTS_AUTOSTART": True,
@@ -24,8 +28,12 @@ DEFAULTS: dict[str, Any] = {
     "PGEVENTS_RETENTION": 0.0,
     "PGEVENTS_FAILED_RETENTION": 0.0,
     "PGEVENTS_STOP_TIMEOUT": 10.0,
+    "PGEVENTS_CONNECT_TIMEOUT": 10.0,
+    "PGEVENTS_STATEMENT_TIMEOUT": 60.0,
     "PGEVENTS_CAPTURE_ROLE": None,
     "PGEVENTS_UNPICKLE": False,
+    "PGEVENTS_APP_NAME": None,
+    "PGEVENTS_LOCK_TIMEOUT": 2.0,
 }
 
 
@@ -64,7 +72,7 @@ class Config:
     """The ``PGEVENTS_*`` settings of one app, read once by ``init_app``."""
 
     schema: str
-    autostart: bool
+    autostart: Autostart
     batch_size: int
     batch_bytes: int
     poll_interval: float
@@ -79,6 +87,16 @@ class Config:
     #: The NOLOGIN role that owns the capture functions.
     capture_role: str
     unpickle: bool
+    #: The name install writes on this app's triggers (default: the app's name).
+    app_name: Optional[str] = None
+    #: Seconds install and uninstall wait for each table's lock per attempt.
+    lock_timeout: float = 2.0
+    #: False: the extension is inert (no database is read, opened or listened to).
+    enabled: bool = True
+    #: Seconds to wait for the server's answer when connecting; 0: no limit.
+    connect_timeout: float = 10.0
+    #: Seconds the server lets a statement of the CLI and admin operations run; 0: no limit.
+    statement_timeout: float = 60.0
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Config:
@@ -90,7 +108,7 @@ class Config:
         schema = check_schema_name(reader.get("PGEVENTS_SCHEMA"))
         return cls(
             schema=schema,
-            autostart=reader.flag("PGEVENTS_AUTOSTART"),
+            autostart=reader.autostart("PGEVENTS_AUTOSTART"),
             batch_size=reader.number("PGEVENTS_BATCH_SIZE", int, 1),
             batch_bytes=reader.number("PGEVENTS_BATCH_BYTES", int, 1),
             poll_interval=reader.number("PGEVENTS_POLL_INTERVAL", float, 0.01),
@@ -104,6 +122,11 @@ class Config:
             stop_timeout=reader.number("PGEVENTS_STOP_TIMEOUT", float, 0),
             capture_role=reader.role_name("PGEVENTS_CAPTURE_ROLE") or f"{schema}_capture",
             unpickle=reader.flag("PGEVENTS_UNPICKLE"),
+            app_name=reader.app_name("PGEVENTS_APP_NAME"),
+            lock_timeout=reader.number("PGEVENTS_LOCK_TIMEOUT", float, 0.001),
+            enabled=reader.flag("PGEVENTS_ENABLED"),
+            connect_timeout=reader.number("PGEVENTS_CONNECT_TIMEOUT", float, 0),
+            statement_timeout=reader.number("PGEVENTS_STATEMENT_TIMEOUT", float, 0),
         )
 
 
@@ -149,6 +172,25 @@ class _Reader:
                 return False
             raise ConfigurationError(f"{key} must be true or false, got {value!r}. Use True or False.")
         return bool(value)
+
+    def autostart(self, key: str) -> Autostart:
+        value = self.get(key)
+        if isinstance(value, str) and value.strip().lower() == "always":
+            return "always"
+        try:
+            return self.flag(key)
+        except ConfigurationError:
+            raise ConfigurationError(
+                f"{key} must be true, false or 'always', got {value!r}. Use True, False or 'always'."
+            ) from None
+
+    def app_name(self, key: str) -> Optional[str]:
+        value = self.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigurationError(
+                f"{key} must be a non-empty string, got {value!r}. Remove it to use the app's name."
+            )
+        return value
 
     def role_name(self, key: str) -> Optional[str]:
         value = self.get(key)

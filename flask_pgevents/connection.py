@@ -6,21 +6,25 @@ LISTENs, claims events and must never be handed to application code.
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 import select
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DatabaseAccessError, DatabaseUnavailableError, PGEventsError
 from .sql import render
 
-#: libpq keepalive settings: a half-open connection is noticed in about 15 s.
+#: libpq keepalive settings: a half-open connection is noticed in about 15 s,
+#: and so is data the peer's host never acknowledges (a dead host or network).
 KEEPALIVES = {
     "keepalives": 1,
     "keepalives_idle": 5,
     "keepalives_interval": 2,
     "keepalives_count": 5,
+    "tcp_user_timeout": 15_000,
 }
 
 
@@ -48,6 +52,110 @@ def sqlstate(exc: BaseException) -> Optional[str]:
     return code if isinstance(code, str) else None
 
 
+#: What a database error means for trying again: the first three are
+#: permanent (only a change of configuration or grants fixes them),
+#: ``"unavailable"`` is transient (network, timeout, server restarting).
+Failure = Literal["authentication", "missing-database", "privilege", "unavailable"]
+PERMANENT_FAILURES: frozenset[Failure] = frozenset({"authentication", "missing-database", "privilege"})
+
+_FAILURES_BY_SQLSTATE: dict[str, Failure] = {
+    "28000": "authentication",  # invalid_authorization_specification: no such role, no pg_hba.conf entry
+    "28P01": "authentication",  # invalid_password
+    "3D000": "missing-database",  # invalid_catalog_name
+    "42501": "privilege",  # insufficient_privilege
+}
+#: SQLSTATE classes and codes of failures that trying again may fix.
+_TRANSIENT_SQLSTATES = ("08", "53", "57P")
+
+# libpq gives no SQLSTATE for a failed connection attempt, only the server's
+# message (in the server's language: English unless lc_messages says
+# otherwise; anything unrecognised counts as transient).
+_FAILURES_BY_MESSAGE: list[tuple[re.Pattern[str], Failure]] = [
+    (re.compile(
+        r"authentication failed|no password supplied|no pg_hba\.conf entry|pg_hba\.conf rejects"
+        r'|role ".*" does not exist|is not permitted to log in'
+    ), "authentication"),
+    (re.compile(r'database ".*" does not exist'), "missing-database"),
+    (re.compile(r"permission denied for database"), "privilege"),
+]
+
+
+def classify(exc: BaseException) -> Optional[Failure]:
+    """What a driver's error means for trying again, or ``None`` if it is no
+    connection or privilege failure (a bug, a constraint, a handler's error).
+
+    Example::
+
+        if classify(exc) in PERMANENT_FAILURES:
+            ...  # fails fast: retrying will not help
+    """
+    code = sqlstate(exc)
+    if code is not None:
+        if code in _FAILURES_BY_SQLSTATE:
+            return _FAILURES_BY_SQLSTATE[code]
+        return "unavailable" if code.startswith(_TRANSIENT_SQLSTATES) else None
+    if not isinstance(exc, CONNECTION_ERRORS):
+        return None
+    message = str(exc)
+    for pattern, failure in _FAILURES_BY_MESSAGE:
+        if pattern.search(message):
+            return failure
+    return "unavailable"
+
+
+def error_reason(exc: BaseException) -> str:
+    """The server's or the driver's reason for an error, on one line.
+
+    For a query error, the server's primary message (without the query
+    excerpt); for a failed connection attempt, the server's message without
+    what the drivers put before it (``connection to server at ... FATAL:``).
+    """
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+    if isinstance(primary, str) and primary:
+        return primary
+    text = str(exc)
+    if "FATAL:" in text:
+        text = re.split(r"\n(?:DETAIL|HINT):", text.rsplit("FATAL:", 1)[1])[0]
+    text = " ".join(text.split())
+    return text.removeprefix("connection failed: ") or type(exc).__name__
+
+
+def connect_error(exc: BaseException, url: URL, connect_timeout: Optional[float] = None) -> PGEventsError:
+    """The error to raise for a failed connection attempt: a sentence naming
+    the database (password hidden), what went wrong and, if it can, the fix.
+
+    :param connect_timeout: the timeout flask-pgevents set, named in the
+        message when the server did not answer in time.
+    :returns: a :class:`DatabaseAccessError` for a permanent failure, else a
+        :class:`DatabaseUnavailableError`.
+    """
+    shown = url.render_as_string(hide_password=True)
+    reason = error_reason(exc)
+    failure = classify(exc)
+    if failure == "authentication":
+        return DatabaseAccessError(
+            f"Authentication failed for the database {shown}: {reason}. Check the user name and"
+            " password in the database URI, and the server's pg_hba.conf."
+        )
+    if failure == "missing-database":
+        return DatabaseAccessError(
+            f"The database {shown} does not exist. Create it, or correct the database name in the URI."
+        )
+    if failure == "privilege":
+        return DatabaseAccessError(
+            f"The role {url.username!r} may not connect to the database {shown}: {reason}."
+            " Grant it CONNECT on the database."
+        )
+    if connect_timeout and "timeout expired" in reason:
+        reason = f"no answer within {connect_timeout:g} s (PGEVENTS_CONNECT_TIMEOUT)"
+    return DatabaseUnavailableError(f"Could not connect to the database {shown}: {as_sentence(reason)}")
+
+
+def as_sentence(text: str) -> str:
+    """``text`` ending with a full stop, unless it ends a sentence already."""
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
 
 def parse_database_url(uri: str | URL, source: str) -> URL:
     """Parse and check a database URI; only PostgreSQL is accepted.
@@ -56,9 +164,10 @@ def parse_database_url(uri: str | URL, source: str) -> URL:
     """
     try:
         url = make_url(uri)
-    except sa.exc.ArgumentError as exc:
+    except sa.exc.ArgumentError:
+        # Not SQLAlchemy's message: older releases quote the string, password included.
         raise ConfigurationError(
-            f"{source} is not a valid database URI: {exc}. Use for example"
+            f"{source} is not a valid database URI. Use for example"
             " 'postgresql://user:password@localhost/dbname'."
         ) from None
     if url.drivername == "postgres":
@@ -92,9 +201,27 @@ class Connection:
     """A DB-API connection in autocommit mode with explicit transactions.
 
     :param url: a SQLAlchemy URL; its driver picks psycopg or psycopg2.
+    :param keepalives: notice a dead peer or network within about 15 s.
+    :param connect_timeout: seconds to wait for the server when connecting
+        (whole seconds, at least 2: libpq's rule); 0 leaves the driver's
+        default. A ``connect_timeout`` in the URL wins.
+    :param statement_timeout: seconds after which the server cancels a
+        statement of this session; 0 for none.
+    :raises DatabaseUnavailableError: when the server cannot be reached or
+        does not answer in time.
+    :raises DatabaseAccessError: when the server refuses the login or the
+        database.
     """
 
-    def __init__(self, url: URL, *, application_name: str = "pgevents", keepalives: bool = False) -> None:
+    def __init__(
+        self,
+        url: URL,
+        *,
+        application_name: str = "pgevents",
+        keepalives: bool = False,
+        connect_timeout: float = 0,
+        statement_timeout: float = 0,
+    ) -> None:
         self.driver = driver_name(url)
         dialect = url.get_dialect()()
         cargs, cparams = dialect.create_connect_args(url)
@@ -103,24 +230,35 @@ class Connection:
         if keepalives:
             for key, value in KEEPALIVES.items():
                 cparams.setdefault(key, value)
-        if self.driver == "psycopg":
-            import psycopg
-
-            self.raw: Any = psycopg.connect(*cargs, autocommit=True, **cparams)
-        else:
-            import psycopg2
-            import psycopg2.extensions
-
-            self.raw = psycopg2.connect(*cargs, **cparams)
-            self.raw.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        timeout_set = connect_timeout > 0 and "connect_timeout" not in cparams
+        if timeout_set:
+            cparams["connect_timeout"] = max(2, math.ceil(connect_timeout))
+        try:
+            self.raw: Any = self._connect(cargs, cparams)
+        except CONNECTION_ERRORS as exc:
+            raise connect_error(exc, url, cparams["connect_timeout"] if timeout_set else None) from exc
         self.cursor = self.raw.cursor()
         try:
             # Before any other query: no other schema's function or operator
             # can stand in for a built-in one (CVE-2018-1058).
             self.execute(render("safe_search_path"))
+            if statement_timeout > 0:
+                self.execute(render("set_statement_timeout"), (f"{math.ceil(statement_timeout * 1000)}ms",))
         except BaseException:
             self.close()
             raise
+
+    def _connect(self, cargs: Any, cparams: dict[str, Any]) -> Any:
+        if self.driver == "psycopg":
+            import psycopg
+
+            return psycopg.connect(*cargs, autocommit=True, **cparams)
+        import psycopg2
+        import psycopg2.extensions
+
+        raw = psycopg2.connect(*cargs, **cparams)
+        raw.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        return raw
 
     @property
     def closed(self) -> bool:
@@ -162,3 +300,26 @@ class Connection:
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken connection may fail
             self.raw.close()
+
+
+class BorrowedConnection(Connection):
+    """A DB-API connection that another library opened and will close: an
+    Alembic migration's.
+
+    Statements run in its owner's transaction, with its owner's session
+    settings: nothing here begins, commits or changes a setting for longer
+    than that transaction. Closing closes only the cursor.
+
+    :param raw: the psycopg or psycopg2 connection (SQLAlchemy's
+        ``connection.connection.driver_connection``).
+    :param driver: ``"psycopg"`` or ``"psycopg2"``.
+    """
+
+    def __init__(self, raw: Any, driver: str) -> None:  # no super(): it would connect
+        self.driver = driver
+        self.raw = raw
+        self.cursor = raw.cursor()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.cursor.close()

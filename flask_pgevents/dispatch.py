@@ -437,11 +437,16 @@ class Dispatcher:
 
 
 def process_pending(state: AppState, timeout: Optional[float] = None) -> int:
-    """Handle every due event in the caller's thread; return how many."""
+    """Handle every due event in the caller's thread; return how many (0 when disabled)."""
+    if not state.enabled:
+        return 0
     deadline = None if timeout is None else time.monotonic() + timeout
     dispatcher = Dispatcher(state)
     total = 0
-    with Connection(state.url, application_name="pgevents-process-pending") as conn:
+    with Connection(
+        state.url, application_name="pgevents-process-pending", keepalives=True,
+        connect_timeout=state.config.connect_timeout,
+    ) as conn:
         store = Store(conn, state.config.schema)
         store.claim_in_id_order()
         while deadline is None or time.monotonic() < deadline:

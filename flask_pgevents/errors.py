@@ -1,6 +1,8 @@
 """Exceptions raised by flask_pgevents, each refining a builtin."""
 from __future__ import annotations
 
+import click
+
 
 class PGEventsError(Exception):
     """Base class of every error raised by flask_pgevents."""
@@ -34,6 +36,22 @@ class ConfigurationError(PGEventsError, RuntimeError):
     """The app's configuration cannot work: no database, not PostgreSQL, ..."""
 
 
+class CommandLineConfigurationError(ConfigurationError, click.ClickException):
+    """A :class:`ConfigurationError` met while the ``flask`` command loads the app.
+
+    Click reports it as one line (``Error: ...``, exit status 1) instead of a
+    traceback; code that catches ``ConfigurationError`` still catches it.
+    """
+
+    def __init__(self, message: str) -> None:
+        ConfigurationError.__init__(self, message)
+        click.ClickException.__init__(self, message)
+
+
+class DisabledError(PGEventsError, RuntimeError):
+    """An operation that needs the database on an app with ``PGEVENTS_ENABLED = False``."""
+
+
 class AlreadyRegisteredError(PGEventsError, RuntimeError):
     """``init_app`` was called twice for the same app."""
 
@@ -44,3 +62,32 @@ class MissingTableError(PGEventsError, LookupError):
 
 class UnknownRoleError(PGEventsError, LookupError):
     """``grant-listener`` was given a role that does not exist."""
+
+
+class TriggerOwnershipError(PGEventsError, RuntimeError):
+    """A trigger this app needs was installed in its event schema for another app."""
+
+
+class InstallLockError(PGEventsError, TimeoutError):
+    """Install or uninstall could not lock a table within ``PGEVENTS_LOCK_TIMEOUT``."""
+
+
+class DatabaseUnavailableError(PGEventsError, ConnectionError):
+    """Could not connect to the database: refused, unreachable, no answer in
+    time, or the server is starting or stopping. Trying again may work."""
+
+
+class DatabaseAccessError(PGEventsError, PermissionError):
+    """The server answered and refused: authentication failed, the database
+    does not exist, or the role lacks a privilege. Trying again will not work
+    until the configuration or the grants change."""
+
+
+class MigrationContextError(PGEventsError, RuntimeError):
+    """A migration operation of flask-pgevents was run where it cannot work:
+    offline (``--sql``), outside the Flask app's context, or on a database or
+    driver other than PostgreSQL with psycopg or psycopg2."""
+
+
+class HandlerFailedError(PGEventsError, AssertionError):
+    """A handler raised while the pytest plugin's ``drain()`` ran it."""

@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
+import sys
+import time
 import weakref
-from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence, TypeVar, Union
 
+import click
 from flask import Flask, current_app, has_app_context
 
-from . import dispatch, lifecycle
+from . import dispatch, lifecycle, suppression
 from .cli import pgevents_cli
 from .config import DEFAULTS
-from .errors import AlreadyRegisteredError
+from .errors import AlreadyRegisteredError, CommandLineConfigurationError, ConfigurationError, InstallLockError
+from .pacing import Backoff
 from .registry import Handler, Registry, Target
+from .sql import quote_ident
 from .state import AppState
-from .store import Backlog, Store
-from .triggers import TriggerStatus
+from .store import Backlog, LockHolder, LockTimeout, Store
+from .triggers import InstallPlan, TriggerStatus, qualified
 
 logger = logging.getLogger("flask_pgevents")
 
@@ -46,13 +52,17 @@ class PGEvents:
 
     def init_app(self, app: Flask) -> None:
         """Read the app's config, add the ``flask pgevents`` commands, and start
-        the listener thread if this process serves the app.
+        the listener thread if this process serves the app (at once, or on its
+        first request; see the README's *Deployment*).
 
         Config keys, each optional (see the README's *Configuration*):
 
+        - ``PGEVENTS_ENABLED``: ``False`` makes the extension inert: no database
+          is read or opened, handlers may still be registered.
         - ``PGEVENTS_DATABASE_URI``: the database; defaults to Flask-SQLAlchemy's.
         - ``PGEVENTS_SCHEMA``: schema of the event table and capture functions.
-        - ``PGEVENTS_AUTOSTART``: start the listener thread in serving processes.
+        - ``PGEVENTS_AUTOSTART``: ``True`` starts the listener thread in serving
+          processes, ``False`` never, ``"always"`` in every process.
         - ``PGEVENTS_BATCH_SIZE``, ``PGEVENTS_BATCH_BYTES``: events and bytes per claim.
         - ``PGEVENTS_POLL_INTERVAL``: seconds between safety polls.
         - ``PGEVENTS_MAX_ATTEMPTS``, ``PGEVENTS_RETRY_BACKOFF``,
@@ -61,12 +71,20 @@ class PGEvents:
         - ``PGEVENTS_RETENTION``, ``PGEVENTS_FAILED_RETENTION``: how long handled
           and failed events are kept.
         - ``PGEVENTS_STOP_TIMEOUT``: how long ``stop()`` and SIGTERM wait.
+        - ``PGEVENTS_CONNECT_TIMEOUT``: how long connecting waits for the server.
+        - ``PGEVENTS_STATEMENT_TIMEOUT``: how long the server lets a statement of
+          the CLI and of administration methods run.
         - ``PGEVENTS_CAPTURE_ROLE``: the NOLOGIN role owning the capture functions.
         - ``PGEVENTS_UNPICKLE``: load ``PickleType`` values in events.
+        - ``PGEVENTS_APP_NAME``: the name install writes on this app's triggers
+          (default: ``app.name``); another app's install leaves them alone.
+        - ``PGEVENTS_LOCK_TIMEOUT``: seconds install and uninstall wait for a
+          table's lock before they roll back and try again.
 
         :raises AlreadyRegisteredError: if this app is already set up.
         :raises ConfigurationError: if a key is invalid or no PostgreSQL
-            database is configured.
+            database is configured (while the ``flask`` command loads the app,
+            a :class:`CommandLineConfigurationError`, shown as one line).
         """
         if "pgevents" in app.extensions:
             raise AlreadyRegisteredError(
@@ -76,12 +94,20 @@ class PGEvents:
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
         db = self._db if self._db is not None else app.extensions.get("sqlalchemy")
-        state = AppState(self, app, db)
+        try:
+            state = AppState(self, app, db)
+        except ConfigurationError as exc:
+            if click.get_current_context(silent=True) is None:
+                raise
+            raise CommandLineConfigurationError(str(exc)) from None
         app.extensions["pgevents"] = state
         self._apps.add(app)
         app.cli.add_command(pgevents_cli)
-        if lifecycle.should_autostart(app, state.config):
-            state.listener.start()
+        lifecycle.autostart(app, state.listener)
+        if "alembic" in sys.modules:
+            # Flask-Migrate has loaded Alembic: give it the trigger operations,
+            # and keep autogenerate off the event schema (README: *Migrations*).
+            importlib.import_module("flask_pgevents.migrations")
 
     # Registration ----------------------------------------------------------
 
@@ -155,35 +181,57 @@ class PGEvents:
             )
         return state
 
-    def install_triggers(self, app: Optional[Flask] = None) -> list[str]:
-        """Create the event schema and exactly the triggers the handlers need.
+    def install_triggers(self, app: Optional[Flask] = None, *, prune: bool = False) -> InstallPlan:
+        """Create the event schema and the triggers the handlers need; return the plan run.
 
-        Idempotent: outdated triggers are replaced, unneeded ones dropped.
-        Returns the statements it ran.
+        Idempotent: current triggers are kept and nothing is altered when
+        nothing changed (``plan.changes == 0``). Outdated triggers are
+        replaced. Triggers no handler needs are left unless ``prune``;
+        triggers another app installed in the schema are always left. Each
+        table's lock is awaited at most ``PGEVENTS_LOCK_TIMEOUT`` seconds,
+        in up to 5 attempts, so that writers never queue behind the install.
 
-        :raises MissingTableError: if a handler's table does not exist.
+        :param prune: also drop this app's triggers that no handler needs.
+        :raises MissingTableError: naming every handler table that does not exist.
         :raises UnknownColumnError: if ``columns=`` names a column it lacks
             (checked here for string targets, which registration cannot check).
+        :raises TriggerOwnershipError: if another app installed a trigger this
+            app needs in the same schema.
+        :raises InstallLockError: if a table stayed locked by another
+            transaction; nothing was changed.
         """
         state = self._state(app)
         with state.connect() as store:
             state.triggers.check_tables(self.registry.needed_triggers(), store.table_columns)
-            statements = self._install_statements(state, store)
-            store.run_script(statements)
-        return statements
+            plans: list[InstallPlan] = []
 
-    def install_sql(self, app: Optional[Flask] = None) -> list[str]:
-        """The statements :meth:`install_triggers` would run, without running them."""
+            def plan() -> InstallPlan:
+                plans.append(self._plan(state, store, prune=prune))
+                return plans[-1]
+
+            run_locked_ddl(state, store, plan)
+        return plans[-1]
+
+    def install_sql(self, app: Optional[Flask] = None, *, prune: bool = False) -> InstallPlan:
+        """The plan :meth:`install_triggers` would run, without running it.
+
+        Its ``statements`` carry no transaction control: run them in one
+        transaction (a migration's, or ``psql --single-transaction``).
+        """
         state = self._state(app)
         with state.connect() as store:
-            return self._install_statements(state, store)
+            return self._plan(state, store, prune=prune)
 
-    def _install_statements(self, state: AppState, store: Store) -> list[str]:
+    def _plan(self, state: AppState, store: Store, *, prune: bool) -> InstallPlan:
         owner = state.triggers.capture_owner(store.capture_role_state(state.config.capture_role))
-        for warning in owner.warnings:
-            logger.warning("%s", warning)
         installed = state.triggers.installed(store.installed_triggers())
-        return state.triggers.install_sql(self.registry.needed_triggers(), installed, owner)
+        plan = state.triggers.plan(
+            self.registry.needed_triggers(), installed, store.schema_objects(), owner, prune=prune
+        )
+        if plan.statements:
+            for warning in owner.warnings:
+                logger.warning("%s", warning)
+        return plan
 
     def grant_listener(self, role: str, app: Optional[Flask] = None) -> list[str]:
         """Grant ``role`` exactly what a process that only listens needs; return the SQL.
@@ -213,16 +261,43 @@ class PGEvents:
         )
 
     def uninstall_triggers(self, app: Optional[Flask] = None, *, drop_schema: bool = False) -> int:
-        """Drop every capture trigger; return how many there were (idempotent).
+        """Drop this app's capture triggers; return how many there were (idempotent).
+
+        Triggers another app installed in the same schema are left, unless
+        ``drop_schema`` drops the schema with everything in it.
 
         :param drop_schema: also drop the event schema with every stored event.
             Without it, pending events stay and are handled after a reinstall.
+        :raises InstallLockError: if a table stayed locked by another transaction.
         """
         state = self._state(app)
         with state.connect() as store:
+            dropped: list[int] = []
+
+            def plan() -> InstallPlan:
+                installed = state.triggers.own(state.triggers.installed(store.installed_triggers()))
+                dropped.append(len(installed))
+                return state.triggers.uninstall_plan(installed, drop_schema=drop_schema)
+
+            run_locked_ddl(state, store, plan)
+        return dropped[-1]
+
+    def uninstall_sql(self, app: Optional[Flask] = None, *, drop_schema: bool = False) -> list[str]:
+        """The statements :meth:`uninstall_triggers` would run, without transaction control."""
+        state = self._state(app)
+        with state.connect() as store:
             installed = state.triggers.installed(store.installed_triggers())
-            store.run_script(state.triggers.uninstall_sql(installed, drop_schema=drop_schema))
-        return len(installed)
+            return list(state.triggers.uninstall_plan(installed, drop_schema=drop_schema).statements)
+
+    def drop_schema_contents(self, app: Optional[Flask] = None) -> Optional[Backlog]:
+        """The pending and failed events ``uninstall_triggers(drop_schema=True)`` would delete."""
+        with self._state(app).connect() as store:
+            return store.backlog()
+
+    def schema_installed(self, app: Optional[Flask] = None) -> bool:
+        """Whether the event schema is installed in the app's database."""
+        with self._state(app).connect() as store:
+            return store.schema_exists()
 
     def failed_events(self, app: Optional[Flask] = None, *, limit: int = 50) -> list[dict[str, Any]]:
         """Events kept as failed after their last attempt, with each handler's error."""
@@ -242,12 +317,45 @@ class PGEvents:
             return state.triggers.status(self.registry.needed_triggers(), installed), store.backlog()
 
     def start(self, app: Optional[Flask] = None) -> None:
-        """Start this process's listener thread for the app (idempotent)."""
-        self._state(app).listener.start()
+        """Start this process's listener thread for the app (idempotent).
+
+        Serving processes start it by themselves; call this in a process that
+        only creates the app and should handle events too (a script, a worker).
+        With ``PGEVENTS_ENABLED = False`` it logs that and starts nothing.
+        """
+        state = self._state(app)
+        if not state.enabled:
+            logger.info("flask-pgevents is disabled (PGEVENTS_ENABLED is False): no listener started.")
+            return
+        state.listener.start()
 
     def stop(self, timeout: Optional[float] = None, app: Optional[Flask] = None) -> bool:
-        """Stop the listener thread after its handler in progress; True if it ended."""
-        return self._state(app).listener.stop(timeout)
+        """Stop the listener thread after its handler in progress; True if it ended.
+
+        A start still waiting for the app's first request is cancelled too.
+        """
+        state = self._state(app)
+        lifecycle.cancel_autostart(state.app)
+        return state.listener.stop(timeout)
+
+    def suppressed(self, app: Optional[Flask] = None) -> ContextManager[None]:
+        """A block whose writes through ``db.session`` are not captured.
+
+        The setting lasts as long as the session's transaction, inside the
+        block: changes still unflushed are flushed as the block starts (so
+        they are captured) and as it ends (so they are not). Use it in a
+        handler that writes to a table it listens to, and for backfills.
+        Other clients run ``SET LOCAL pgevents.suppress = on`` instead.
+
+        :raises ConfigurationError: if the app has no Flask-SQLAlchemy session.
+
+        Example::
+
+            with pgevents.suppressed():
+                db.session.execute(sa.update(User).values(active=True))
+            db.session.commit()
+        """
+        return suppression.suppressed(self._state(app))
 
     def process_pending(self, timeout: Optional[float] = None, app: Optional[Flask] = None) -> int:
         """Handle every committed event pending now in this thread; return how many.
@@ -257,5 +365,74 @@ class PGEvents:
             db.session.add(User(email="a@example.com"))
             db.session.commit()
             assert pgevents.process_pending() == 1
+
+        With ``PGEVENTS_ENABLED = False`` it opens nothing and returns 0.
         """
         return dispatch.process_pending(self._state(app), timeout)
+
+
+#: Install and uninstall try this many times to take their tables' locks.
+LOCK_ATTEMPTS = 5
+
+
+def run_locked_ddl(state: AppState, store: Store, plan: Callable[[], InstallPlan]) -> None:
+    """Plan and run DDL in one transaction, under the schema's install lock.
+
+    Each table's lock is awaited at most ``PGEVENTS_LOCK_TIMEOUT``: a
+    transaction holding one makes the install roll back (so that writers
+    never queue behind it), back off and plan again, up to
+    :data:`LOCK_ATTEMPTS` times. A plan without statements runs no DDL.
+
+    :raises InstallLockError: naming the table and who holds it.
+    """
+    backoff = Backoff(0.5, 4.0)
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        current: Optional[InstallPlan] = None
+        store.begin()
+        try:
+            # Concurrent installs wait for each other here, without a timeout.
+            store.run_ddl([state.triggers.lock_sql()])
+            current = plan()
+            if current.statements:
+                store.set_lock_timeout(state.config.lock_timeout)
+                store.run_ddl(current.statements)
+        except LockTimeout as exc:
+            store.rollback()
+            table = current.tables[exc.index] if current is not None else None
+            name = qualified(table) if table is not None else f'{quote_ident(state.config.schema)}."event"'
+            shown = str(table) if table is not None else f"{state.config.schema}.event"
+            holders = store.lock_holders(name)
+            if attempt == LOCK_ATTEMPTS:
+                raise InstallLockError(
+                    f"Could not lock table {shown!r} within {state.config.lock_timeout:g} s, in"
+                    f" {LOCK_ATTEMPTS} attempts: {_describe(holders)}. Nothing was changed and the"
+                    " installed triggers keep working. End that transaction, or raise"
+                    " PGEVENTS_LOCK_TIMEOUT, and run the command again."
+                ) from None
+            delay = backoff.next_delay()
+            logger.warning(
+                "Table %s is locked by %s; trying again in %.1f s (attempt %s of %s).",
+                shown, _describe(holders), delay, attempt, LOCK_ATTEMPTS,
+            )
+            time.sleep(delay)
+            continue
+        except BaseException:
+            store.rollback()
+            raise
+        store.commit()
+        return
+
+
+def _describe(holders: list[LockHolder]) -> str:
+    if not holders:
+        return "another transaction holds it"
+    described = []
+    for holder in holders:
+        parts = [f"pid {holder.pid}"]
+        if holder.application_name:
+            parts.append(f"application {holder.application_name!r}")
+        if holder.state:
+            age = f" for {holder.transaction_seconds:.0f} s" if holder.transaction_seconds is not None else ""
+            parts.append(f"{holder.state}{age}")
+        described.append(", ".join(parts))
+    return "held by " + "; ".join(described)

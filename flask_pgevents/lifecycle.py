@@ -1,5 +1,11 @@
 """Which processes run a listener, and what forks and interpreter exit do to it.
 
+A process that serves the app runs a listener; one that only creates it (a
+script, a Celery or RQ worker, a notebook, ``flask shell``) runs none unless
+asked (``PGEVENTS_AUTOSTART = "always"`` or ``pgevents.start()``). ``flask
+run`` and the servers known by the modules they load start it as the app is
+set up; any other WSGI server starts it on the app's first request.
+
 Pre-fork servers (gunicorn, uWSGI with preload) load the app, then fork
 workers. The listener is stopped before a fork, so no thread or connection
 crosses it, and each child starts its own. A parent that has never served a
@@ -10,8 +16,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from flask import Flask, request_started
 
@@ -22,6 +29,19 @@ if TYPE_CHECKING:
 #: Every listener of this process.
 _listeners: weakref.WeakSet[Listener] = weakref.WeakSet()
 _served_requests = False
+#: Listeners to start when their app serves its first request; empty after it.
+_start_on_first_request: weakref.WeakKeyDictionary[Flask, Listener] = weakref.WeakKeyDictionary()
+
+#: Modules loaded only in a process that serves: gunicorn's arbiter (master and
+#: workers), uWSGI's and mod_wsgi's embedded modules, waitress-serve's runner.
+SERVER_MODULES = ("gunicorn.arbiter", "uwsgi", "mod_wsgi", "waitress.runner")
+
+#: When a process starts its listener by itself: as the app is set up, on
+#: the app's first request, or never.
+When = Literal["now", "first request", "never"]
+NOW: When = "now"
+FIRST_REQUEST: When = "first request"
+NEVER: When = "never"
 
 
 def track(listener: Listener) -> None:
@@ -29,16 +49,43 @@ def track(listener: Listener) -> None:
     _listeners.add(listener)
 
 
-def should_autostart(app: Flask, config: Config) -> bool:
-    """Whether this process serves the app and so should run a listener thread."""
-    if not config.autostart or app.testing:
-        return False
+def autostart(app: Flask, listener: Listener) -> None:
+    """Start ``listener`` now, or on the app's first request, if this process serves the app."""
+    when = when_to_start(app, listener.state.config)
+    if when == NOW:
+        listener.start()
+    elif when == FIRST_REQUEST:
+        _start_on_first_request[app] = listener
+
+
+def cancel_autostart(app: Flask) -> None:
+    """Forget a start still waiting for the app's first request."""
+    _start_on_first_request.pop(app, None)
+
+
+def when_to_start(app: Flask, config: Config) -> When:
+    """:data:`NOW`, :data:`FIRST_REQUEST` or :data:`NEVER`: when this process should
+    start the app's listener thread by itself."""
+    if not config.enabled or not config.autostart or app.testing:
+        return NEVER
+    if config.autostart == "always":
+        return NOW
     import click
-    from flask.cli import run_command
 
     ctx = click.get_current_context(silent=True)
     if ctx is None:
-        return True  # a WSGI server or a plain script
+        if any(name in sys.modules for name in SERVER_MODULES):
+            return NOW  # idle workers listen too
+        # Another WSGI server, or a process that only creates the app: a
+        # script, a Celery or RQ worker, a notebook. Only a server serves.
+        return FIRST_REQUEST
+    return NOW if serves_in_flask_run(ctx) else NEVER
+
+
+def serves_in_flask_run(ctx: Any) -> bool:
+    """Whether the click command running is ``flask run`` in its serving process."""
+    from flask.cli import run_command
+
     if ctx.command is not run_command:
         return False  # flask shell, flask db upgrade, flask pgevents ...
     reload = ctx.params.get("reload")
@@ -53,6 +100,10 @@ def should_autostart(app: Flask, config: Config) -> bool:
 def _note_request(sender: Any, **extra: Any) -> None:
     global _served_requests
     _served_requests = True
+    if _start_on_first_request:  # one check per request once every app has started
+        listener = _start_on_first_request.pop(sender, None)
+        if listener is not None:
+            listener.start()
 
 
 def _forking_listeners() -> list[Listener]:

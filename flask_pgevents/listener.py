@@ -12,10 +12,19 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from .connection import CONNECTION_ERRORS, Connection, sqlstate
+from .connection import (
+    CONNECTION_ERRORS,
+    PERMANENT_FAILURES,
+    Connection,
+    classify,
+    connect_error,
+    error_reason,
+    sqlstate,
+)
 from .dispatch import BROADCAST_RETENTION_SECONDS, Dispatcher
+from .errors import DatabaseAccessError, DatabaseUnavailableError
 from .pacing import Backoff, Pacer, Step
 from .store import RESCAN, Store
 
@@ -99,6 +108,10 @@ class Listener:
         self.resume_after_fork = False
         #: In a pre-fork master: not running here, but wanted in each child.
         self.parked = False
+        #: Why a loop started with ``fail_fast`` ended on its own, if it did.
+        self.failure: Optional[DatabaseAccessError] = None
+        # A thread that did not stop in time: stop() waits for it only once.
+        self._abandoned: Optional[threading.Thread] = None
 
     @property
     def running(self) -> bool:
@@ -107,14 +120,33 @@ class Listener:
     def on_current_thread(self) -> bool:
         return self._thread is not None and self._thread is threading.current_thread()
 
-    def start(self) -> None:
-        """Start the listener thread; does nothing if it already runs."""
+    def start(self, *, fail_fast: bool = False, on_connect: Optional[Callable[[], None]] = None) -> None:
+        """Start the listener thread; does nothing if it already runs.
+
+        :param fail_fast: end the thread on a permanent failure (see
+            :meth:`run`) instead of retrying; :attr:`failure` then says why.
+        :param on_connect: called in the thread after each successful
+            connection, before the first claim.
+        """
         with self._lock:
             if self.running:
                 return
             self._stop.clear()
-            self._thread = threading.Thread(target=self.run, name="pgevents-listener", daemon=True)
+            self._thread = threading.Thread(
+                target=self.run, kwargs={"fail_fast": fail_fast, "on_connect": on_connect},
+                name="pgevents-listener", daemon=True,
+            )
             self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the thread to end."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Stop the thread after the handler in progress; True if it ended in time."""
@@ -125,10 +157,13 @@ class Listener:
             self.request_stop()
             if thread is None or self._pid != os.getpid():
                 return True
+            if thread is self._abandoned:  # already waited for once (atexit after SIGTERM)
+                return not thread.is_alive()
         # Joined outside the lock: the thread may need it to finish.
         if thread is not threading.current_thread():
             thread.join(timeout)
         if thread.is_alive():
+            self._abandoned = thread
             logger.warning("The pgevents listener did not stop within %.1f s.", timeout)
             return False
         with self._lock:
@@ -144,8 +179,15 @@ class Listener:
             with contextlib.suppress(OSError):
                 os.write(wake[1], b"x")
 
-    def run(self) -> None:
-        """Listen and dispatch until stopped; reconnect after connection loss."""
+    def run(self, fail_fast: bool = False, on_connect: Optional[Callable[[], None]] = None) -> None:
+        """Listen and dispatch until stopped; reconnect after connection loss.
+
+        Transient failures (no answer, refused, server restarting, dropped
+        connection) are logged as warnings and retried with backoff.
+        Permanent ones (authentication, no such database, no privilege on
+        the event schema) are logged as errors and retried the same way,
+        or, with ``fail_fast``, end the loop and are kept in :attr:`failure`.
+        """
         config = self.state.config
         reconnect = Backoff(config.reconnect_backoff, config.reconnect_backoff_max)
         dispatcher = Dispatcher(self.state)
@@ -153,39 +195,92 @@ class Listener:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         self._wake = (wake_r, wake_w)
+        self.failure = None
         try:
             while not self._stop.is_set():
-                self._connect_and_serve(dispatcher, housekeeping, reconnect)
+                failure = self._connect_and_serve(dispatcher, housekeeping, reconnect, fail_fast, on_connect)
+                if failure is not None:
+                    self.failure = failure
+                    break
         finally:
             self._wake = None
             os.close(wake_r)
             os.close(wake_w)
         logger.info("pgevents listener stopped (pid %s).", os.getpid())
 
-    def _connect_and_serve(self, dispatcher: Dispatcher, housekeeping: Housekeeping, reconnect: Backoff) -> None:
+    def _connect_and_serve(
+        self,
+        dispatcher: Dispatcher,
+        housekeeping: Housekeeping,
+        reconnect: Backoff,
+        fail_fast: bool,
+        on_connect: Optional[Callable[[], None]],
+    ) -> Optional[DatabaseAccessError]:
+        """One connection's life; returns the permanent failure that ends a ``fail_fast`` loop."""
         conn: Optional[Connection] = None
         try:
-            conn = Connection(self.state.url, application_name="pgevents-listener", keepalives=True)
+            conn = Connection(
+                self.state.url, application_name="pgevents-listener", keepalives=True,
+                connect_timeout=self.state.config.connect_timeout,
+            )
             store = Store(conn, self.state.config.schema)
             store.skip_commit_flush()
             store.claim_in_id_order()
             store.listen()  # before the catch-up read, so no event falls in between
-            logger.info("pgevents listener connected (pid %s).", os.getpid())
+            self._log_connected(reconnect)
+            if on_connect is not None:
+                on_connect()
             self._serve(store, dispatcher, housekeeping, reconnect)
-        except CONNECTION_ERRORS as exc:
-            delay = reconnect.next_delay()
-            logger.warning(
-                "pgevents listener lost its database connection (%s); reconnecting in %.2f s.",
-                str(exc).strip() or type(exc).__name__, delay,
-            )
-            self._stop.wait(delay)
         except Exception as exc:  # noqa: BLE001 - the loop logs and never dies
+            failure = self._permanent_failure(exc)
+            if failure is not None and fail_fast:
+                return failure
             delay = reconnect.next_delay()
-            self._log_failure(exc, delay)
+            if failure is not None:
+                logger.error("pgevents listener: %s Retrying in %.2f s.", failure, delay)
+            elif isinstance(exc, DatabaseUnavailableError):
+                logger.warning("pgevents listener: %s Retrying in %.2f s.", exc, delay)
+            elif isinstance(exc, CONNECTION_ERRORS):
+                logger.warning(
+                    "pgevents listener lost its database connection (%s); reconnecting in %.2f s.",
+                    error_reason(exc), delay,
+                )
+            else:
+                self._log_failure(exc, delay)
             self._stop.wait(delay)
         finally:
             if conn is not None:
                 conn.close()
+        return None
+
+    def _log_connected(self, reconnect: Backoff) -> None:
+        shown = self.state.url.render_as_string(hide_password=True)
+        if reconnect.failures:
+            # At the level of the failures it ends: whoever saw those sees this.
+            logger.warning(
+                "pgevents listener connected to %s again after %d failure(s) (pid %s).",
+                shown, reconnect.failures, os.getpid(),
+            )
+        else:
+            logger.info("pgevents listener connected to %s (pid %s).", shown, os.getpid())
+
+    def _permanent_failure(self, exc: Exception) -> Optional[DatabaseAccessError]:
+        """``exc`` as a :class:`DatabaseAccessError` if retrying cannot fix it, else None."""
+        if isinstance(exc, DatabaseAccessError):
+            return exc
+        failure = classify(exc)
+        if failure not in PERMANENT_FAILURES:
+            return None
+        url = self.state.url
+        if failure != "privilege":
+            error = connect_error(exc, url)
+            return error if isinstance(error, DatabaseAccessError) else None
+        role = url.username or "ROLE"
+        return DatabaseAccessError(
+            f"The role {role!r} may not use the event schema {self.state.config.schema!r} of"
+            f" {url.render_as_string(hide_password=True)}: {error_reason(exc)}. Grant it what it"
+            f" needs with 'flask pgevents grant-listener {role}'."
+        )
 
     def _serve(self, store: Store, dispatcher: Dispatcher, housekeeping: Housekeeping, reconnect: Backoff) -> None:
         store.register_listener()
@@ -221,12 +316,6 @@ class Listener:
             logger.warning(
                 "The event table %s.event does not exist; run 'flask pgevents"
                 " install-triggers'. Checking again in %.2f s.", schema, delay,
-            )
-        elif code == "42501":  # insufficient_privilege
-            logger.error(
-                "The listener's role may not use the event schema (%s). Grant it what it"
-                " needs with 'flask pgevents grant-listener ROLE'. Retrying in %.2f s.",
-                str(exc).strip(), delay,
             )
         else:
             logger.exception("pgevents listener error; restarting in %.2f s.", delay)

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import sqlalchemy as sa
 from flask import Flask
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Dialect
 
 from . import lifecycle
 from .config import Config
 from .connection import Connection, parse_database_url
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DisabledError
 from .events import RowDecoder
 from .listener import Listener
 from .registry import Registry, TableKey
@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from .extension import PGEvents
 
 logger = logging.getLogger("flask_pgevents")
+
+DISABLED_MESSAGE = (
+    "flask-pgevents is disabled on this app (PGEVENTS_ENABLED is False): it reads no"
+    " database and handles no events. Set PGEVENTS_ENABLED to True, with a PostgreSQL"
+    " database configured, to use it."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +56,13 @@ class AppState:
         self._app_ref = weakref.ref(app)
         self.db: Any = db
         self.config = Config.from_mapping(app.config)
-        self.url = database_url(app, db)
-        self.triggers = TriggerManager(self.config.schema, self.config.capture_role)
-        self.dialect = self.url.get_dialect()()
+        #: ``PGEVENTS_ENABLED``: when False, no database URL is read nor opened.
+        self.enabled = self.config.enabled
+        self._url = database_url(app, db) if self.enabled else None
+        self.triggers = TriggerManager(
+            self.config.schema, self.config.capture_role, self.config.app_name or app.name
+        )
+        self._dialect = self._url.get_dialect()() if self._url is not None else None
         self._tables: dict[TableKey, TableInfo] = {}
         self._tables_lock = threading.Lock()
         self.listener = Listener(self)
@@ -65,12 +75,38 @@ class AppState:
             raise RuntimeError("The Flask app of this pgevents state no longer exists.")
         return app
 
+    @property
+    def url(self) -> URL:
+        """The database captured and listened to.
+
+        :raises DisabledError: with ``PGEVENTS_ENABLED = False``.
+        """
+        if self._url is None:
+            raise DisabledError(DISABLED_MESSAGE)
+        return self._url
+
+    @property
+    def dialect(self) -> Dialect:
+        if self._dialect is None:
+            raise DisabledError(DISABLED_MESSAGE)
+        return self._dialect
+
     def connect(self) -> Store:
         """A store on a new connection, for administration (triggers, status, retries).
 
         Close it with ``store.conn.close()``, or use it in a ``with`` block.
+        Connecting waits at most ``PGEVENTS_CONNECT_TIMEOUT``, and each
+        statement at most ``PGEVENTS_STATEMENT_TIMEOUT``.
+
+        :raises DatabaseUnavailableError: the server cannot be reached or does not answer.
+        :raises DatabaseAccessError: the server refuses the login or the database.
         """
-        return Store(Connection(self.url, application_name="pgevents-admin"), self.config.schema)
+        config = self.config
+        conn = Connection(
+            self.url, application_name="pgevents-admin", keepalives=True,
+            connect_timeout=config.connect_timeout, statement_timeout=config.statement_timeout,
+        )
+        return Store(conn, config.schema)
 
     def dispose_inherited_engines(self) -> None:
         """After a fork: drop the parent's pooled connections without closing them."""

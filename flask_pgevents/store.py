@@ -6,13 +6,14 @@ scripts that :mod:`flask_pgevents.triggers` renders and this store runs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import string
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
-from .connection import Connection
+from .connection import Connection, sqlstate
 from .registry import TableKey
 from .sql import BLOCKS, quote_ident, render
 
@@ -66,8 +67,12 @@ class FailedEvent:
     table: str
     op: str
     timestamp: datetime.datetime
+    #: Failed attempts, counted across retries.
     attempt: int
     errors: dict[str, dict[str, str]]
+    #: The row as stored, json text.
+    old: Optional[str] = None
+    new: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,49 @@ class TriggerRow:
     arguments: tuple[str, ...]
     source: str
     enabled: bool
+    #: The trigger's comment: install writes the app that needs it there.
+    comment: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureFunction:
+    """A function in the event schema, as the catalog has it."""
+
+    source: str
+    owner: str
+    #: PUBLIC may call it (installs before 0.2 left it so).
+    public_execute: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemaObjects:
+    """What the event schema holds now: compared by install with what it would create."""
+
+    tables: frozenset[str] = frozenset()
+    #: The columns of the event table.
+    event_columns: frozenset[str] = frozenset()
+    functions: dict[str, CaptureFunction] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LockHolder:
+    """A session holding a lock on a table that install needs."""
+
+    pid: int
+    application_name: str
+    state: Optional[str]
+    transaction_seconds: Optional[float]
+
+
+class LockTimeout(Exception):
+    """A statement of :meth:`Store.run_ddl` gave up waiting for its lock.
+
+    :param index: the position of that statement in the list run.
+    """
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"statement {index} could not take its lock")
+        self.index = index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,12 +238,41 @@ class Store:
         """Run rendered DDL statements in one transaction."""
         self.begin()
         try:
-            for statement in statements:
-                self.conn.execute(statement)
+            self.run_ddl(statements)
         except BaseException:
             self.rollback()
             raise
         self.commit()
+
+    def run_ddl(self, statements: Sequence[str]) -> None:
+        """Run rendered DDL statements in the current transaction.
+
+        :raises LockTimeout: naming the statement that waited past ``lock_timeout``.
+        """
+        for index, statement in enumerate(statements):
+            try:
+                self.conn.execute(statement)
+            except Exception as exc:
+                if sqlstate(exc) == "55P03":  # lock_not_available
+                    raise LockTimeout(index) from exc
+                raise
+
+    @contextlib.contextmanager
+    def safe_search_path(self) -> Iterator[None]:
+        """Run the block with ``search_path = pg_catalog, pg_temp``, then restore
+        the connection's own; call inside a transaction (a borrowed connection's).
+
+        If the block raises, the transaction is aborted and the setting, made
+        with ``SET LOCAL``, ends with it.
+        """
+        saved = self._rows("current_search_path")[0]["search_path"]
+        self._run("safe_local_search_path")
+        yield
+        self._run("set_local_search_path", (saved,))
+
+    def set_lock_timeout(self, seconds: float) -> None:
+        """Until the transaction ends, give up on a lock after ``seconds`` (0: wait forever)."""
+        self._run("set_lock_timeout", (f"{max(int(seconds * 1000), 1) if seconds > 0 else 0}ms",))
 
     # Listening ------------------------------------------------------------------
 
@@ -291,8 +368,9 @@ class Store:
         return [
             FailedEvent(
                 id=row["id"], table=f"{row['table_schema']}.{row['table_name']}", op=row["op"],
-                timestamp=row["created_at"], attempt=row["attempt"],
+                timestamp=row["created_at"], attempt=row["attempts"],
                 errors=row["errors"] if isinstance(row["errors"], dict) else json.loads(row["errors"] or "{}"),
+                old=row["old"], new=row["new"],
             )
             for row in self._rows("failed_events", (limit,))
         ]
@@ -306,13 +384,32 @@ class Store:
             self.notify(RESCAN)  # the retried events lie behind the listeners' cursors
         return count
 
+    def schema_objects(self) -> SchemaObjects:
+        """The event schema's tables, the event table's columns, and its functions."""
+        rows = self._rows("schema_objects", {"schema": self.schema})
+        return SchemaObjects(
+            tables=frozenset(row["name"] for row in rows if row["kind"] == "table"),
+            event_columns=frozenset(row["name"] for row in rows if row["kind"] == "column"),
+            functions={
+                row["name"]: CaptureFunction(row["source"], row["owner"], bool(row["public_execute"]))
+                for row in rows if row["kind"] == "function"
+            },
+        )
+
+    def lock_holders(self, table: str) -> list[LockHolder]:
+        """The sessions holding a lock on ``table`` (a quoted qualified name)."""
+        return [
+            LockHolder(row["pid"], row["application_name"] or "", row["state"], row["transaction_seconds"])
+            for row in self._rows("lock_holders", (table,))
+        ]
+
     def installed_triggers(self) -> list[TriggerRow]:
         return [
             TriggerRow(
                 table=TableKey(row["table_schema"], row["table_name"]), name=row["name"],
                 function=row["function"],
                 arguments=tuple(a.decode() for a in bytes(row["arguments"]).split(b"\x00")[:row["argument_count"]]),
-                source=row["source"], enabled=row["enabled"] != "D",
+                source=row["source"], enabled=row["enabled"] != "D", comment=row["comment"],
             )
             for row in self._rows("installed_triggers", (self.schema,))
         ]

@@ -11,10 +11,10 @@ import dataclasses
 from typing import Callable, Optional, Sequence
 
 from .config import trigger_name
-from .errors import MissingTableError, UnknownColumnError, UnknownRoleError
+from .errors import MissingTableError, TriggerOwnershipError, UnknownColumnError, UnknownRoleError
 from .registry import TRIGGER_KINDS, TableKey, TriggerKey, TriggerSet, is_broadcast, op_of, trigger_order
-from .sql import quote_ident, quote_literal, render
-from .store import CaptureRoleState, TriggerRow
+from .sql import dollar_tag, quote_ident, quote_literal, render
+from .store import CaptureRoleState, SchemaObjects, TriggerRow
 
 #: Transition tables each op's trigger declares.
 TRANSITION_TABLES = {
@@ -22,6 +22,25 @@ TRANSITION_TABLES = {
     "update": "OLD TABLE AS pgevents_old NEW TABLE AS pgevents_new",
     "delete": "OLD TABLE AS pgevents_old",
 }
+
+
+#: The tables install creates in the event schema.
+SCHEMA_TABLES = frozenset({"event", "broadcast", "listener"})
+
+#: Columns added to the event table after its first release, with the block
+#: that adds each to an installed table.
+EVENT_TABLE_UPGRADES = {"retried_attempts": "add_retried_attempts"}
+
+#: How a trigger's comment names the app whose handlers need it.
+APP_COMMENT_PREFIX = "flask-pgevents app: "
+
+#: The plan's actions. Only these change the database.
+CHANGES = ("create", "replace", "drop")
+
+
+#: The setting that, on in a writer's transaction, makes every capture
+#: function skip that transaction's writes (see :mod:`flask_pgevents.suppression`).
+SUPPRESS_SETTING = "pgevents.suppress"
 
 
 def function_name(kind: str) -> str:
@@ -34,6 +53,7 @@ def function_body(schema: str, kind: str) -> str:
     fragments = {
         "schema": quoted,
         "target": '"broadcast"' if is_broadcast(kind) else '"event"',
+        "suppress": "\n" + render("capture_suppress", setting=quote_literal(SUPPRESS_SETTING)),
         "guard": "\n" + render("broadcast_guard", schema=quoted) if is_broadcast(kind) else "",
         "wake": render("capture_wake", schema=quoted, channel=quote_literal(schema)),
     }
@@ -74,6 +94,59 @@ class InstalledTrigger:
     columns: Optional[frozenset[str]]
     current: bool
     enabled: bool
+    #: The app that installed it, or ``None`` for triggers of releases before 0.2.
+    app: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanStep:
+    """One line of an install plan.
+
+    :param action: ``"create"``, ``"replace"``, ``"keep"``, ``"drop"`` or ``"leave"``.
+    :param table: the trigger's table; ``None`` for the event schema itself.
+    :param kind: the trigger's kind, or what of the schema the step is about.
+    :param detail: why, in a few words (``"columns: email (were: name)"``).
+    """
+
+    action: str
+    table: Optional[TableKey]
+    kind: str
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class InstallPlan:
+    """What an install creates, replaces, keeps, drops and leaves, and its DDL.
+
+    ``statements`` is empty when there is nothing to change: the database is
+    then not altered at all.
+    """
+
+    steps: tuple[PlanStep, ...]
+    statements: tuple[str, ...] = ()
+    #: For each statement, the table it alters (``None``: the event schema).
+    tables: tuple[Optional[TableKey], ...] = ()
+
+    @property
+    def changes(self) -> int:
+        return sum(step.action in CHANGES for step in self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class TriggerChange:
+    """One trigger to create, alter or drop so that it matches the handlers.
+
+    :param action: ``"create"``, ``"alter"`` or ``"drop"``.
+    :param columns: the update columns the trigger watches after the change
+        (``None``: every column); for ``"drop"``, those it watched.
+    :param existing_columns: for ``"alter"``, those it watched before.
+    """
+
+    action: str
+    table: TableKey
+    kind: str
+    columns: Optional[frozenset[str]] = None
+    existing_columns: Optional[frozenset[str]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +165,11 @@ class TriggerManager:
     :param capture_role: the NOLOGIN role that owns the capture functions.
     """
 
-    def __init__(self, schema: str, capture_role: str) -> None:
+    def __init__(self, schema: str, capture_role: str, app_name: str = "") -> None:
         self.schema = schema
         self.capture_role = capture_role
+        #: The app whose handlers' triggers this manager installs.
+        self.app_name = app_name
 
     # Install --------------------------------------------------------------------
 
@@ -122,16 +197,48 @@ class TriggerManager:
             f" To confine them, have a superuser run '{fix}', then install again.",
         ))
 
-    def schema_sql(self, owner: CaptureOwner) -> list[str]:
-        """The event schema and the capture functions, callable by their owner only."""
+    def schema_changes(self, objects: SchemaObjects, owner: CaptureOwner) -> list[str]:
+        """What install must change in the event schema; empty when it is current."""
+        changes = []
+        if not objects.tables:
+            changes.append("create")
+        elif SCHEMA_TABLES - objects.tables:
+            changes.append(f"tables missing: {', '.join(sorted(SCHEMA_TABLES - objects.tables))}")
+        elif set(EVENT_TABLE_UPGRADES) - objects.event_columns:
+            changes.append("event table from an earlier release")
+        if objects.tables:
+            functions = [objects.functions.get(function_name(kind)) for kind in TRIGGER_KINDS]
+            if any(f is None or f.source != function_body(self.schema, kind)
+                   for f, kind in zip(functions, TRIGGER_KINDS)):
+                changes.append("capture functions from another release")
+            elif any(f is not None and f.public_execute for f in functions):
+                changes.append("capture functions callable by PUBLIC")
+            elif owner.role and any(f is not None and f.owner != owner.role for f in functions):
+                changes.append(f"capture functions to be owned by {owner.role!r}")
+        if owner.create:
+            changes.append(f"create the capture role {owner.role!r}")
+        return changes
+
+    def schema_sql(self, owner: CaptureOwner, objects: Optional[SchemaObjects] = None) -> list[str]:
+        """The event schema and the capture functions, callable by their owner only.
+
+        :param objects: what the schema holds now: tables that exist are not
+            created again (``CREATE INDEX IF NOT EXISTS`` would lock the event
+            table against every writer until the install commits).
+        """
         schema = quote_ident(self.schema)
-        statements = [
-            render(
+        statements = []
+        if objects is None or SCHEMA_TABLES - objects.tables:
+            statements.append(render(
                 "create_schema",
                 schema=schema,
                 event_id_sequence=quote_literal(f'{schema}."event_id_seq"'),
-            )
-        ]
+            ))
+        elif set(EVENT_TABLE_UPGRADES) - objects.event_columns:
+            statements += [
+                render(block, schema=schema)
+                for column, block in EVENT_TABLE_UPGRADES.items() if column not in objects.event_columns
+            ]
         role = quote_ident(owner.role) if owner.role else ""
         if owner.create:
             statements.append(render("create_capture_role", role=role))
@@ -163,6 +270,8 @@ class TriggerManager:
             schema=quote_ident(self.schema),
             function=function_name(kind),
             arguments=", ".join(quote_literal(c) for c in sorted(columns or ())),
+            app=quote_literal(APP_COMMENT_PREFIX + self.app_name),
+            tag=dollar_tag(qualified(table), self.app_name),
         )
 
     def drop_trigger_sql(self, trigger: InstalledTrigger) -> str:
@@ -172,24 +281,137 @@ class TriggerManager:
     def lock_sql(self) -> str:
         return render("lock_install", lock=quote_literal(f"pgevents install {self.schema}"))
 
-    def install_sql(
-        self, needed: TriggerSet, installed: Sequence[InstalledTrigger], owner: CaptureOwner
-    ) -> list[str]:
-        """Statements that make the database hold exactly the needed triggers."""
-        statements = [self.lock_sql(), *self.schema_sql(owner)]
-        for trig in installed:
-            # Unneeded, or a copy under another name that would capture twice.
-            if (trig.table, trig.kind) not in needed or trig.name != trigger_name(self.schema, trig.kind):
-                statements.append(self.drop_trigger_sql(trig))
-        for (table, kind), columns in sorted(needed.items(), key=lambda item: trigger_order(item[0])):
-            statements.append(self.trigger_sql(table, kind, columns))
-        return statements
+    def plan(
+        self,
+        needed: TriggerSet,
+        installed: Sequence[InstalledTrigger],
+        objects: SchemaObjects,
+        owner: CaptureOwner,
+        *,
+        prune: bool = False,
+    ) -> InstallPlan:
+        """Compare what the handlers need with what is installed, and say what to do.
 
-    def uninstall_sql(self, installed: Sequence[InstalledTrigger], *, drop_schema: bool = False) -> list[str]:
-        statements = [self.lock_sql(), *(self.drop_trigger_sql(t) for t in installed)]
+        Triggers another app installed in the same schema are left alone; this
+        app's unneeded ones are dropped only with ``prune``. Nothing current is
+        touched, so an install with nothing to change runs no DDL.
+
+        :raises TriggerOwnershipError: if another app's trigger in this schema
+            is one this app needs: apps that share a schema share its events.
+        """
+        steps: list[PlanStep] = []
+        statements: list[str] = []
+        tables: list[Optional[TableKey]] = []
+        schema_changes = self.schema_changes(objects, owner)
+        if schema_changes:
+            action = "create" if not objects.tables else "replace"
+            detail = "; ".join(change for change in schema_changes if change != "create")
+            steps.append(PlanStep(action, None, "event schema", detail))
+            schema_statements = self.schema_sql(owner, objects)
+            statements += schema_statements
+            tables += [None] * len(schema_statements)
+        by_key: dict[TriggerKey, InstalledTrigger] = {}
+        for copy in installed:
+            if copy.name == trigger_name(self.schema, copy.kind):
+                by_key[(copy.table, copy.kind)] = copy
+            elif (copy.table, copy.kind) in needed:
+                # A copy under another name would capture every change twice.
+                steps.append(PlanStep("drop", copy.table, copy.kind, f"a copy named {copy.name!r}"))
+                statements.append(self.drop_trigger_sql(copy))
+                tables.append(copy.table)
+        for key in sorted(set(needed) | set(by_key), key=trigger_order):
+            table, kind = key
+            trig = by_key.get(key)
+            foreign = trig is not None and trig.app is not None and trig.app != self.app_name
+            if key not in needed:
+                assert trig is not None
+                if foreign:
+                    steps.append(PlanStep("leave", table, kind, f"installed for app {trig.app!r}"))
+                elif prune:
+                    steps.append(PlanStep("drop", table, kind, "no handler needs it"))
+                    statements.append(self.drop_trigger_sql(trig))
+                    tables.append(table)
+                else:
+                    steps.append(PlanStep("leave", table, kind, "no handler needs it; --prune drops it"))
+                continue
+            if foreign:
+                assert trig is not None
+                raise self.ownership_error(trig)
+            columns = needed[key]
+            watched = f"columns: {', '.join(sorted(columns))}" if columns else ""
+            if trig is None:
+                steps.append(PlanStep("create", table, kind, watched))
+            elif trig.columns == columns and trig.enabled:
+                steps.append(PlanStep("keep", table, kind, watched))
+                continue
+            else:
+                was = "disabled" if trig.columns == columns else (
+                    f"watched {', '.join(sorted(trig.columns))}" if trig.columns else "watched every column"
+                )
+                steps.append(PlanStep("replace", table, kind, f"{watched or 'every column'}; was {was}"))
+            statements.append(self.trigger_sql(table, kind, columns))
+            tables.append(table)
+        return InstallPlan(tuple(steps), tuple(statements), tuple(tables))
+
+    def ownership_error(self, trig: InstalledTrigger) -> TriggerOwnershipError:
+        """The error for another app's trigger that this app needs too."""
+        return TriggerOwnershipError(
+            f"The {trig.kind} trigger on {str(trig.table)!r} in schema {self.schema!r} was installed"
+            f" for the app {trig.app!r}, and this app ({self.app_name!r}) needs it too. Apps"
+            " that share an event schema share its events, so each would miss the other's:"
+            " give this app its own PGEVENTS_SCHEMA. If it is the same app under a new name,"
+            f" set PGEVENTS_APP_NAME = {trig.app!r}."
+        )
+
+    def drift(self, needed: TriggerSet, installed: Sequence[InstalledTrigger]) -> list[TriggerChange]:
+        """The trigger changes that bring this app's installed triggers in line
+        with the handlers: what an autogenerated migration writes.
+
+        Unlike :meth:`plan`, this app's triggers that no handler needs are
+        dropped: a migration is reviewed before it runs, and its downgrade
+        puts them back. Another app's triggers are left alone. Capture
+        functions of another release are no drift: every operation that
+        installs a trigger brings them up to date.
+
+        :raises TriggerOwnershipError: if another app's trigger in this schema
+            is one this app needs.
+        """
+        by_key: dict[TriggerKey, InstalledTrigger] = {}
+        for copy in installed:
+            key = (copy.table, copy.kind)
+            if copy.app is not None and copy.app != self.app_name:
+                if key in needed:
+                    raise self.ownership_error(copy)
+                continue
+            if key not in by_key or copy.name == trigger_name(self.schema, copy.kind):
+                by_key[key] = copy
+        changes = []
+        for key in sorted(set(needed) | set(by_key), key=trigger_order):
+            table, kind = key
+            trig = by_key.get(key)
+            if trig is None:
+                changes.append(TriggerChange("create", table, kind, needed[key]))
+            elif key not in needed:
+                changes.append(TriggerChange("drop", table, kind, trig.columns))
+            elif trig.columns != needed[key] or not trig.enabled:
+                changes.append(TriggerChange("alter", table, kind, needed[key], trig.columns))
+        return changes
+
+    def uninstall_plan(self, installed: Sequence[InstalledTrigger], *, drop_schema: bool = False) -> InstallPlan:
+        """Drop this app's triggers (and those of no app), and the whole schema if asked."""
+        own = self.own(installed)
+        steps = [PlanStep("drop", t.table, t.kind) for t in own]
+        statements = [self.drop_trigger_sql(t) for t in own]
+        tables: list[Optional[TableKey]] = [t.table for t in own]
         if drop_schema:
+            steps.append(PlanStep("drop", None, "event schema", "with every stored event"))
             statements.append(render("drop_schema", schema=quote_ident(self.schema)))
-        return statements
+            tables.append(None)
+        return InstallPlan(tuple(steps), tuple(statements), tuple(tables))
+
+    def own(self, installed: Sequence[InstalledTrigger]) -> list[InstalledTrigger]:
+        """The triggers of this app, and those no app claims (from earlier releases)."""
+        return [t for t in installed if t.app is None or t.app == self.app_name]
 
     def check_tables(self, needed: TriggerSet, columns_of: Callable[[TableKey], set[str]]) -> None:
         """Fail clearly, before any DDL, for a missing table or a watched column it lacks.
@@ -198,16 +420,21 @@ class TriggerManager:
         :raises MissingTableError, UnknownColumnError:
         """
         existing_by_table: dict[TableKey, set[str]] = {}
-        for (table, kind), watched in sorted(needed.items(), key=lambda item: trigger_order(item[0])):
+        for table, _ in sorted(needed, key=trigger_order):
             if table not in existing_by_table:
                 existing_by_table[table] = columns_of(table)
+        missing = [str(table) for table, existing in existing_by_table.items() if not existing]
+        if missing:
+            names = ", ".join(map(repr, missing))
+            raise MissingTableError(
+                f"{'Tables' if len(missing) > 1 else 'Table'} {names} {'do' if len(missing) > 1 else 'does'}"
+                " not exist, so no trigger can be installed on"
+                f" {'them' if len(missing) > 1 else 'it'}. Create {'them' if len(missing) > 1 else 'it'}"
+                " first (db.create_all() or a migration), or fix the handlers' targets."
+                " Nothing was installed."
+            )
+        for (table, kind), watched in sorted(needed.items(), key=lambda item: trigger_order(item[0])):
             existing = existing_by_table[table]
-            if not existing:
-                raise MissingTableError(
-                    f"Table {str(table)!r} does not exist, so no trigger can be installed"
-                    " on it. Create it first (db.create_all() or a migration), or fix the"
-                    " handler's target."
-                )
             unknown = sorted((watched or frozenset()) - existing)
             if unknown:
                 raise UnknownColumnError(
@@ -226,8 +453,10 @@ class TriggerManager:
             if kind not in TRIGGER_KINDS:
                 continue
             current = row.name == trigger_name(self.schema, kind) and row.source == function_body(self.schema, kind)
+            comment = row.comment or ""
             found.append(InstalledTrigger(
-                row.table, kind, row.name, frozenset(row.arguments) or None, current, row.enabled
+                row.table, kind, row.name, frozenset(row.arguments) or None, current, row.enabled,
+                comment[len(APP_COMMENT_PREFIX):] if comment.startswith(APP_COMMENT_PREFIX) else None,
             ))
         return found
 

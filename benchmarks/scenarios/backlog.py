@@ -35,8 +35,8 @@ QUEUE = "backlog_queue"
 QUEUE_DDL = f"CREATE TABLE {QUEUE} (LIKE {EVENT_TABLE} INCLUDING ALL)"
 #: Rows like the ones the capture trigger writes for ``BULK_INSERT``.
 QUEUE_FILL = f"""
-INSERT INTO {QUEUE} (table_schema, table_name, op, new, size)
-SELECT 'public', 'backlog_item', 'insert', r.j, pg_column_size(r.j)
+INSERT INTO {QUEUE} (table_schema, table_name, op, new)
+SELECT 'public', 'backlog_item', 'insert', r.j
 FROM (SELECT to_json(x.*) AS j
       FROM (SELECT g::bigint AS id, g AS n, md5(g::text) AS payload, now() AS created_at
             FROM generate_series(1, %s) AS g) AS x) AS r

@@ -80,3 +80,12 @@ def quote_literal(value: str) -> str:
     if "\\" in value:
         return "E" + quoted.replace("\\", "\\\\")
     return quoted
+
+
+def dollar_tag(*texts: str) -> str:
+    """A dollar-quote tag (``$pgevents$``, ``$pgevents1$``, ...) that none of ``texts`` contains."""
+    tag, n = "$pgevents$", 0
+    while any(tag in text for text in texts):
+        n += 1
+        tag = f"$pgevents{n}$"
+    return tag

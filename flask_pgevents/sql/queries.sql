@@ -8,6 +8,23 @@
 -- (CVE-2018-1058). Every object of the project is schema-qualified too.
 SET search_path = pg_catalog, pg_temp
 
+-- name: current_search_path
+-- On a connection flask-pgevents borrows (an Alembic migration's), its own
+-- search_path is set for the length of its statements only, then restored.
+SELECT pg_catalog.current_setting('search_path') AS search_path
+
+-- name: safe_local_search_path
+-- As safe_search_path, until the end of the current transaction at most.
+SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)
+
+-- name: set_local_search_path
+SELECT pg_catalog.set_config('search_path', %s, true)
+
+-- name: set_statement_timeout
+-- Administration sessions (the CLI, install, status): the server cancels a
+-- statement that runs longer than PGEVENTS_STATEMENT_TIMEOUT.
+SELECT pg_catalog.set_config('statement_timeout', %s, false)
+
 -- name: begin
 BEGIN
 
@@ -46,10 +63,12 @@ SET enable_seqscan = off;
 SET enable_bitmapscan = off
 
 -- name: installed_triggers
--- Triggers whose function lives in the event schema, with what they watch.
+-- Triggers whose function lives in the event schema, with what they watch
+-- and the app that installed them (their comment).
 SELECT tn.nspname AS table_schema, c.relname AS table_name, t.tgname AS name,
        p.proname AS function, t.tgargs AS arguments, t.tgnargs AS argument_count,
-       p.prosrc AS source, t.tgenabled AS enabled
+       p.prosrc AS source, t.tgenabled AS enabled,
+       pg_catalog.obj_description(t.oid, 'pg_trigger') AS comment
 FROM pg_catalog.pg_trigger AS t
 JOIN pg_catalog.pg_class AS c ON c.oid = t.tgrelid
 JOIN pg_catalog.pg_namespace AS tn ON tn.oid = c.relnamespace
@@ -57,6 +76,43 @@ JOIN pg_catalog.pg_proc AS p ON p.oid = t.tgfoid
 JOIN pg_catalog.pg_namespace AS pn ON pn.oid = p.pronamespace
 WHERE pn.nspname = %s AND NOT t.tgisinternal
 ORDER BY tn.nspname, c.relname, t.tgname
+
+-- name: schema_objects
+-- What install compares with what it would create: the event schema's
+-- tables and the event table's columns, and the capture functions with
+-- their owner and whether anyone may call them.
+SELECT 'table' AS kind, c.relname AS name, NULL AS source, NULL AS owner, NULL::boolean AS public_execute
+FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p')
+UNION ALL
+SELECT 'column', a.attname, NULL, NULL, NULL
+FROM pg_catalog.pg_attribute AS a
+JOIN pg_catalog.pg_class AS c ON c.oid = a.attrelid
+JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = 'event' AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'function', p.proname, p.prosrc, pg_catalog.pg_get_userbyid(p.proowner),
+       pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE')
+FROM pg_catalog.pg_proc AS p JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
+WHERE n.nspname = %(schema)s
+
+-- name: set_lock_timeout
+-- For the rest of an install or uninstall transaction: give up on a table
+-- that another transaction holds rather than make its writers queue behind us.
+SELECT pg_catalog.set_config('lock_timeout', %s, true)
+
+-- name: lock_holders
+-- Who holds a lock on a table, oldest transaction first: named when install
+-- cannot take its lock.
+SELECT a.pid, a.application_name, a.state,
+       extract(epoch FROM now() - a.xact_start)::float8 AS transaction_seconds
+FROM pg_catalog.pg_locks AS l
+JOIN pg_catalog.pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_catalog.pg_backend_pid()
+  AND l.relation = pg_catalog.to_regclass(%s)
+GROUP BY a.pid, a.application_name, a.state, a.xact_start
+ORDER BY a.xact_start NULLS LAST
+LIMIT 3
 
 -- name: relation_exists
 SELECT pg_catalog.to_regclass(%s) IS NOT NULL AS found
@@ -156,11 +212,16 @@ WHERE id = %(id)s AND status = 'pending'
 DELETE FROM {schema}."event" WHERE status = 'failed' AND handled_at < now() - %s * interval '1 second'
 
 -- name: failed_events
-SELECT id, table_schema, table_name, op, created_at, attempt, errors
+SELECT id, table_schema, table_name, op, created_at, retried_attempts + attempt AS attempts, errors,
+       old::text AS old, new::text AS new
 FROM {schema}."event" WHERE status = 'failed' ORDER BY id LIMIT %s
 
 -- name: retry_failed
-UPDATE {schema}."event" SET status = 'pending', attempt = 0, run_after = NULL, handled_at = NULL
+-- A retried event gets PGEVENTS_MAX_ATTEMPTS attempts again; the attempts it
+-- had are kept in retried_attempts, so that 'failed' counts them all.
+UPDATE {schema}."event"
+SET status = 'pending', retried_attempts = retried_attempts + attempt, attempt = 0,
+    run_after = NULL, handled_at = NULL
 WHERE status = 'failed' AND (%s OR id = ANY(%s))
 
 -- name: register_listener

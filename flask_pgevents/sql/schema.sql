@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS {schema}."event" (
     created_at timestamptz NOT NULL DEFAULT now(),
     status text NOT NULL DEFAULT 'pending',
     attempt integer NOT NULL DEFAULT 0,
+    retried_attempts integer NOT NULL DEFAULT 0,  -- failed attempts before the last retry
     run_after timestamptz,
     done_handlers text[],  -- NULL until a handler of a failed attempt succeeded: no bytes per row
     errors jsonb,
@@ -46,6 +47,11 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {schema}."listener" (
     since timestamptz NOT NULL DEFAULT now()
 );
 
+-- name: add_retried_attempts
+-- Upgrades an event table of release 0.1: attempts keep counting across
+-- 'flask pgevents retry'. A constant default adds no bytes to existing rows.
+ALTER TABLE {schema}."event" ADD COLUMN IF NOT EXISTS retried_attempts integer NOT NULL DEFAULT 0;
+
 -- name: capture_function_header
 -- Functions run as their owner (SECURITY DEFINER) so that a role which may
 -- write the table but not the event table still writes successfully, and with
@@ -69,12 +75,13 @@ AS $pgevents$
 -- The bodies see the user's columns: "#variable_conflict use_variable" keeps
 -- a column named like a PL/pgSQL variable (tg_table_name, ...) from making
 -- the write fail, and "alias.*" is a whole-row reference even when the table
--- has a column named like the alias. {guard} is empty for queued events.
+-- has a column named like the alias. {suppress} returns early in a writer's
+-- transaction that suppressed capture. {guard} is empty for queued events.
 --
 -- This body serves inserts (new rows into "new") and deletes (old rows into
 -- "old"); updates pair both.
 #variable_conflict use_variable
-BEGIN{guard}
+BEGIN{suppress}{guard}
     INSERT INTO {schema}.{target} (table_schema, table_name, op, {column})
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, {op}, r.j
     FROM (SELECT to_json(x.*) AS j FROM {rows} AS x) AS r;
@@ -85,7 +92,7 @@ END
 -- Transition tables hold old and new rows in the same order, so pairing
 -- them by position works for every key, composite keys and no key at all.
 #variable_conflict use_variable
-BEGIN{guard}
+BEGIN{suppress}{guard}
     INSERT INTO {schema}.{target} (table_schema, table_name, op, old, new)
     SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', o.j, n.j
     FROM (SELECT row_number() OVER () AS rn, to_json(x.*) AS j FROM pgevents_old AS x) AS o
@@ -108,6 +115,21 @@ END
         PERFORM pg_notify({channel}, '');
     END IF;
     RETURN NULL;
+
+-- name: capture_suppress
+-- Writes made while the writer's transaction has the setting on (SET LOCAL
+-- pgevents.suppress = on; pgevents.suppressed() does it through the session)
+-- are not captured, by any app's schema. One lookup per statement, not per
+-- row; an unset or reset setting reads NULL or ''. Anyone who may write a
+-- table may set it: it is a convenience, not a permission.
+
+    IF pg_catalog.lower(pg_catalog.current_setting({setting}, true)) IN ('on', 'true', 'yes', '1') THEN
+        RETURN NULL;
+    END IF;
+
+-- name: set_suppress
+-- Turns capture off (or back on) for the rest of the current transaction.
+SELECT pg_catalog.set_config({setting}, {value}, true)
 
 -- name: broadcast_guard
 -- Broadcast rows are written only while some listener is registered: nobody
@@ -154,10 +176,22 @@ ALTER FUNCTION {schema}.{function}() OWNER TO {role};
 REVOKE CREATE ON SCHEMA {schema} FROM {role};
 
 -- name: create_trigger
+-- The comment names the app whose handlers need the trigger: an install of
+-- another app sharing the schema leaves it alone. Only the table's owner may
+-- comment; an installer with just the TRIGGER privilege leaves the trigger
+-- unnamed, which every app's install treats as its own. {tag} is a
+-- dollar-quote tag that neither the table's name nor the app's contains.
 DROP TRIGGER IF EXISTS {trigger} ON {table};
 CREATE TRIGGER {trigger} AFTER {operation} ON {table}
 REFERENCING {transition_tables}
 FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{function}({arguments});
+DO {tag}
+BEGIN
+    COMMENT ON TRIGGER {trigger} ON {table} IS {app};
+EXCEPTION WHEN insufficient_privilege THEN
+    NULL;
+END
+{tag};
 
 -- name: drop_trigger
 DROP TRIGGER IF EXISTS {trigger} ON {table};

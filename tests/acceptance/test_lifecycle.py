@@ -1,6 +1,8 @@
 """Where listener threads run: gunicorn workers (with and without --preload),
-``flask run`` with and without the reloader, and nowhere during other CLI
-commands, under ``app.testing`` or with ``PGEVENTS_AUTOSTART = False``.
+``flask run`` with and without the reloader, any other WSGI server from its
+first request, and nowhere in a script that only creates the app, during other
+CLI commands, under ``app.testing`` or with ``PGEVENTS_AUTOSTART = False``.
+Scripts also suppress capture, and misconfigured apps fail in one line.
 
 Servers run as real subprocesses serving ``examples/gunicorn_app.py``; each is
 stopped, with its whole process group, when its test ends.
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -128,12 +131,14 @@ class Processes:
         self.directory = directory
         self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def start(self, args: list[str], database_url: str) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(
+        self, args: list[str], database_url: str, **extra_env: str
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         env = {
             k: v for k, v in os.environ.items()
             if not k.startswith(("FLASK_", "WERKZEUG_", "PGEVENTS_")) and k != "DATABASE_URL"
         }
-        env.update(DATABASE_URL=database_url, FLASK_APP=str(EXAMPLE), PYTHONUNBUFFERED="1")
+        env.update(DATABASE_URL=database_url, FLASK_APP=str(EXAMPLE), PYTHONUNBUFFERED="1", **extra_env)
         log = self.directory / f"process{len(self.started)}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -297,14 +302,21 @@ def app_factory(database_url: str) -> Iterator[Callable[..., Flask]]:
                 engine.dispose()
 
 
-def test_a_server_building_the_app_starts_a_listener(app_factory, other_service):
+def test_a_server_building_the_app_starts_a_listener(app_factory, other_service, monkeypatch):
     # The control for the tests below: outside any CLI command, as under a
-    # WSGI server, building the app starts the listener thread.
+    # WSGI server, the app's first request starts the listener thread (a
+    # known server's modules start it as the app is built).
     app = app_factory()
+    assert listener_threads() == []
+    app.test_client().get("/")
     assert len(listener_threads()) == 1
     wait_until(lambda: listener_backends(other_service) == 1)
     app.extensions["pgevents"].extension.stop(timeout=10, app=app)
     assert listener_threads() == []
+    monkeypatch.setitem(sys.modules, "uwsgi", types.ModuleType("uwsgi"))
+    app = app_factory()
+    assert len(listener_threads()) == 1
+    app.extensions["pgevents"].extension.stop(timeout=10, app=app)
 
 
 def test_other_cli_commands_start_no_listener(app_factory, other_service):
@@ -317,7 +329,7 @@ def test_other_cli_commands_start_no_listener(app_factory, other_service):
         (["shell"], count_in_shell, "listener threads: 0"),
         (["probe"], None, "listener threads: 0"),  # a command of the app
         (["routes"], None, "/static/<path:filename>"),
-        (["pgevents", "install-triggers"], None, "1 trigger(s) installed"),
+        (["pgevents", "install-triggers"], None, "changes in schema 'pgevents'."),
         (["pgevents", "status"], None, "Backlog: 0 pending"),
     ]:
         result = CliRunner().invoke(cli, args, input=stdin, catch_exceptions=False)
@@ -336,3 +348,119 @@ def test_testing_or_autostart_off_starts_no_listener(app_factory, other_service,
     app.extensions["pgevents"].extension.start(app)  # still possible by hand
     assert len(listener_threads()) == 1
     wait_until(lambda: listener_backends(other_service) == 1)
+
+
+# (d) scripts, other WSGI servers, misconfigured apps -------------------------------
+
+EXAMPLES = ROOT / "examples"
+
+#: A one-off report: creates the app, does its work, exits.
+REPORT_SCRIPT = """
+import threading
+from gunicorn_app import Item, create_app, db
+app = create_app()
+with app.app_context():
+    print("items:", db.session.scalar(db.select(db.func.count()).select_from(Item)))
+print("listener threads:", sum(t.name == "pgevents-listener" for t in threading.enumerate()))
+"""
+
+#: A backfill: its inserts are not events; the one after the block is.
+BACKFILL_SCRIPT = """
+from gunicorn_app import Item, create_app, db, pgevents
+app = create_app()
+with app.app_context():
+    with pgevents.suppressed():
+        db.session.add_all([Item(name=f"old {i}") for i in range(50)])
+    db.session.add(Item(name="new"))
+    db.session.commit()
+"""
+
+#: A WSGI server that flask-pgevents does not know: werkzeug's, from a script.
+SERVE_SCRIPT = """
+import sys, threading
+sys.path.insert(0, "examples")
+from werkzeug.serving import run_simple
+from gunicorn_app import create_app
+app = create_app()
+print("listener threads before serving:", sum(t.name == "pgevents-listener" for t in threading.enumerate()))
+run_simple("127.0.0.1", int(sys.argv[1]), app)
+"""
+
+#: An app configured from MYAPP_* environment variables.
+CONFIGURED_APP = """
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from flask_pgevents import PGEvents
+
+def create_app():
+    app = Flask(__name__)
+    app.config.from_prefixed_env("MYAPP")
+    SQLAlchemy(app)
+    PGEvents(app)
+    return app
+"""
+
+
+def run_script(code: str, database_url: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c code`` from the examples directory, as a user's script would run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLASK_", "PGEVENTS_"))}
+    env.update(DATABASE_URL=database_url)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def pending_events(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM pgevents.event WHERE status = 'pending'").fetchone()[0]
+
+
+def test_a_script_that_creates_the_app_handles_no_events(example_db, other_service):
+    insert_items(other_service, 200)
+    result = run_script(REPORT_SCRIPT, example_db)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "items: 200\nlistener threads: 0\n", "")
+    assert other_service.execute("SELECT count(*) FROM handled").fetchone()[0] == 0
+    assert pending_events(other_service) == 200
+
+
+def test_a_backfill_script_suppresses_capture_of_its_writes(example_db, other_service):
+    result = run_script(BACKFILL_SCRIPT, example_db)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert other_service.execute("SELECT count(*) FROM item").fetchone()[0] == 51
+    assert other_service.execute("SELECT new->>'name' FROM pgevents.event").fetchall() == [("new",)]
+
+
+def test_another_wsgi_server_listens_from_its_first_request(example_db, other_service, processes):
+    insert_items(other_service, 20)
+    port = free_port()
+    server, log = processes.start([sys.executable, "-c", SERVE_SCRIPT, str(port)], example_db)
+    status = wait_while_running(server, log, lambda: get_status(port))
+    assert status["listener"] is True
+    assert "listener threads before serving: 0" in log.read_text()
+    wait_while_running(server, log, lambda: settled(other_service, 20))
+    assert handled_by_item(other_service) == {item: [status["pid"]] for item in range(1, 21)}
+
+
+@pytest.mark.parametrize("args", [["pgevents", "status"], ["pgevents", "install-triggers"], ["shell"]])
+@pytest.mark.parametrize("case", ["sqlite", "disabled"])
+def test_cli_errors_of_a_misconfigured_or_disabled_app_are_one_line(database_url, tmp_path, args, case):
+    (tmp_path / "myapp.py").write_text(CONFIGURED_APP)
+    env = (
+        {"MYAPP_SQLALCHEMY_DATABASE_URI": "sqlite://"} if case == "sqlite"
+        else {"MYAPP_SQLALCHEMY_DATABASE_URI": database_url, "MYAPP_PGEVENTS_ENABLED": "false"}
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "myapp:create_app", *args],
+        cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if not k.startswith("FLASK_")}, **env},
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    expected = {
+        "sqlite": "Error: flask-pgevents needs PostgreSQL, but SQLALCHEMY_DATABASE_URI is a 'sqlite'"
+                  " URI (sqlite://). Set it to a 'postgresql://' URI.\n",
+        "disabled": "Error: flask-pgevents is disabled on this app (PGEVENTS_ENABLED is False). Set"
+                    " PGEVENTS_ENABLED to True, with a PostgreSQL database configured, to use"
+                    " 'flask pgevents'.\n",
+    }[case]
+    if case == "disabled" and args == ["shell"]:
+        assert result.returncode == 0, result.stderr  # the app itself works
+        return
+    assert (result.returncode, result.stderr) == (1, expected)

@@ -33,9 +33,9 @@ _roles = itertools.count()
 # Helpers ---------------------------------------------------------------------
 
 
-def invoke(app: Any, *args: str) -> Any:
-    """Run ``flask pgevents ARGS`` against ``app`` in this process."""
-    return app.test_cli_runner().invoke(pgevents_cli, list(args))
+def invoke(app: Any, *args: str, input: str | None = None) -> Any:
+    """Run ``flask pgevents ARGS`` against ``app`` in this process, ``input`` on stdin."""
+    return app.test_cli_runner().invoke(pgevents_cli, list(args), input=input)
 
 
 def ignore(event: Any) -> None:
@@ -98,23 +98,61 @@ def password_url(server_url: str, libpq_url: str, database_url: str) -> Iterator
 # install-triggers / uninstall-triggers --------------------------------------
 
 
-def test_install_triggers_installs_what_handlers_need_and_is_idempotent(make_app, other_service):
+def test_install_triggers_prints_its_plan_and_a_rerun_changes_nothing(make_app, other_service):
     app, _db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", ignore)
     pgevents.listen(Thing, "after_update", ignore, columns=["name"])
 
-    for _ in range(2):
-        result = invoke(app, "install-triggers")
-        assert result.exit_code == 0, result.output
-        assert result.output.splitlines() == [
-            "installed insert trigger on public.thing",
-            "installed update trigger on public.thing (columns: name)",
-            "2 trigger(s) installed in schema 'pgevents'.",
-        ]
-        assert triggers_on(other_service, "public.thing") == ["pgevents_insert", "pgevents_update"]
+    result = invoke(app, "install-triggers")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1:] == [
+        "create   public.thing  insert",
+        "create   public.thing  update            (columns: name)",
+        "3 changes in schema 'pgevents'.",
+    ]
+    assert result.output.startswith("create   event schema 'pgevents'")
+    assert triggers_on(other_service, "public.thing") == ["pgevents_insert", "pgevents_update"]
+    trigger_oids = other_service.execute(
+        "SELECT array_agg(oid ORDER BY oid) FROM pg_trigger WHERE tgrelid = 'thing'::regclass"
+    ).fetchone()
+
+    # Nothing to change: no DDL at all, so the triggers are the very same objects.
+    result = invoke(app, "install-triggers")
+    assert (result.exit_code, result.output.splitlines()) == (0, [
+        "keep     public.thing  insert",
+        "keep     public.thing  update            (columns: name)",
+        "0 changes in schema 'pgevents'.",
+    ])
+    assert other_service.execute(
+        "SELECT array_agg(oid ORDER BY oid) FROM pg_trigger WHERE tgrelid = 'thing'::regclass"
+    ).fetchone() == trigger_oids
+    result = invoke(app, "install-triggers", "--sql")
+    assert result.output == "-- 0 changes: the event schema and the triggers are up to date.\n"
 
     other_service.execute("INSERT INTO thing (name) VALUES ('a')")
     assert drain(app, pgevents) == 1
+
+
+def test_install_triggers_leaves_unneeded_triggers_unless_pruned(make_app, other_service):
+    app, _db, pgevents, Thing = thing_app(make_app)
+    pgevents.listen(Thing, ["after_insert", "after_delete"], ignore)
+    assert invoke(app, "install-triggers").exit_code == 0
+    pgevents.remove(Thing, "after_delete", ignore)
+
+    result = invoke(app, "install-triggers")
+    assert (result.exit_code, result.output.splitlines()) == (0, [
+        "leave    public.thing  delete            (no handler needs it; --prune drops it)",
+        "keep     public.thing  insert",
+        "0 changes in schema 'pgevents'.",
+    ])
+    assert triggers_on(other_service, "public.thing") == ["pgevents_delete", "pgevents_insert"]
+    result = invoke(app, "install-triggers", "--prune")
+    assert (result.exit_code, result.output.splitlines()) == (0, [
+        "drop     public.thing  delete            (no handler needs it)",
+        "keep     public.thing  insert",
+        "1 change in schema 'pgevents'.",
+    ])
+    assert triggers_on(other_service, "public.thing") == ["pgevents_insert"]
 
 
 def test_install_triggers_sql_prints_the_sql_and_runs_nothing(make_app, other_service):
@@ -123,22 +161,34 @@ def test_install_triggers_sql_prints_the_sql_and_runs_nothing(make_app, other_se
 
     result = invoke(app, "install-triggers", "--sql")
     assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
-    assert (lines[0], lines[-1]) == ("BEGIN;", "COMMIT;")
+    # No transaction control: it goes into a migration's transaction.
+    assert not re.search(r"^\s*(BEGIN|COMMIT|START TRANSACTION)\s*;", result.output, re.MULTILINE | re.IGNORECASE)
     assert 'CREATE TRIGGER "pgevents_insert" AFTER INSERT ON "public"."thing"' in result.output
     assert 'CREATE TRIGGER "pgevents_delete" AFTER DELETE ON "public"."thing"' in result.output
     assert not schema_exists(other_service)
     assert triggers_on(other_service, "public.thing") == []
     assert invoke(app, "status").exit_code == 1
 
-    # What it printed is the whole installation, as psql would run it.
-    other_service.execute(result.output)
+    # What it printed is the whole installation, run inside the caller's transaction.
+    with other_service.transaction():
+        other_service.execute(result.output)
     status = invoke(app, "status")
     assert status.exit_code == 0, status.output
     assert trigger_states(status.output) == {
         ("public.thing", "delete"): "installed",
         ("public.thing", "insert"): "installed",
     }
+
+    # And its reverse: what uninstall-triggers --sql prints, rolled back with a failing migration.
+    reverse = invoke(app, "uninstall-triggers", "--sql")
+    assert reverse.output.splitlines() == [
+        'DROP TRIGGER IF EXISTS "pgevents_delete" ON "public"."thing";',
+        'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."thing";',
+    ]
+    with pytest.raises(psycopg.errors.DivisionByZero), other_service.transaction():
+        other_service.execute(reverse.output)
+        other_service.execute("SELECT 1 / 0")
+    assert triggers_on(other_service, "public.thing") == ["pgevents_delete", "pgevents_insert"]
 
 
 def test_uninstall_triggers_keeps_pending_events_unless_the_schema_is_dropped(make_app, other_service):
@@ -160,12 +210,25 @@ def test_uninstall_triggers_keeps_pending_events_unless_the_schema_is_dropped(ma
     assert drain(app, pgevents) == 1  # the event from before, and only that one
 
     assert invoke(app, "install-triggers").exit_code == 0
-    result = invoke(app, "uninstall-triggers", "--drop-schema")
-    assert (result.exit_code, result.output) == (
-        0, "2 trigger(s) removed.\nSchema 'pgevents' dropped.\n"
-    )
+    other_service.execute("INSERT INTO thing (name) VALUES ('b')")
+    # Dropping the schema asks first, saying what it deletes; no is no.
+    result = invoke(app, "uninstall-triggers", "--drop-schema", input="n\n")
+    assert (result.exit_code, result.output) == (1, (
+        "Dropping schema 'pgevents' deletes 1 pending and 0 failed event(s), and the triggers"
+        " of every app that shares it.\nDrop it? [y/N]: n\nError: Nothing was dropped.\n"
+    ))
+    assert schema_exists(other_service)
+    assert triggers_on(other_service, "public.thing") == ["pgevents_insert", "pgevents_update"]
+    result = invoke(app, "uninstall-triggers", "--drop-schema", input="y\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith("Drop it? [y/N]: y\n2 trigger(s) removed.\nSchema 'pgevents' dropped.\n")
     assert not schema_exists(other_service)
     assert triggers_on(other_service, "public.thing") == []
+
+    assert invoke(app, "install-triggers").exit_code == 0
+    result = invoke(app, "uninstall-triggers", "--drop-schema", "--yes")
+    assert (result.exit_code, result.output) == (0, "2 trigger(s) removed.\nSchema 'pgevents' dropped.\n")
+    assert not schema_exists(other_service)
 
 
 # status ----------------------------------------------------------------------
@@ -295,6 +358,49 @@ def test_failed_lists_errors_and_retry_reruns_only_the_handlers_that_failed(make
     assert other_service.execute("SELECT count(*) FROM pgevents.event").fetchone()[0] == 0
 
 
+def test_failed_traceback_shows_the_traceback_and_the_row_and_attempts_count_across_retries(
+    make_app, other_service
+):
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=3, PGEVENTS_RETRY_BACKOFF=0)
+
+    def charge(event: Any) -> None:
+        raise ValueError(f"card declined for {event.new['name']}")
+
+    pgevents.listen(Thing, "after_insert", charge)
+    result = invoke(app, "failed")
+    assert (result.exit_code, result.output) == (1, (
+        "Error: The event schema 'pgevents' is not installed in this database; run"
+        " 'flask pgevents install-triggers'.\n"
+    ))
+    assert invoke(app, "install-triggers").exit_code == 0
+    other_service.execute("INSERT INTO thing (name) VALUES ('ada')")
+    wait_until(lambda: drain(app, pgevents) == 0 and "1 failed" in status_line(app))
+    (event_id,) = other_service.execute("SELECT id FROM pgevents.event").fetchone()
+
+    result = invoke(app, "failed", "--traceback")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert re.fullmatch(rf"event {event_id}: insert on public\.thing, 3 attempt\(s\), at \S+", lines[0])
+    assert re.fullmatch(r"  integration\.test_cli\.\S*charge: ValueError: card declined for ada", lines[1])
+    assert lines[2] == "    Traceback (most recent call last):"
+    assert "    ValueError: card declined for ada" in lines
+    assert lines[-1] == f'  new: {{"id":{1},"name":"ada"}}'
+    assert "Traceback" not in invoke(app, "failed").output
+
+    # Three more attempts after a retry: six in all.
+    assert invoke(app, "retry", "--all").output == "1 event(s) queued again.\n"
+    wait_until(lambda: drain(app, pgevents) == 0 and "1 failed" in status_line(app))
+    assert ", 6 attempt(s), at " in invoke(app, "failed").output.splitlines()[0]
+
+
+def status_line(app: Any) -> str:
+    """The backlog as ``N pending, M failed``, from ``flask pgevents status``."""
+    output = invoke(app, "status").output
+    pending = re.search(r"Backlog: (\d+) pending", output)
+    failed = re.search(r"Failed: (\d+)", output)
+    return f"{pending and pending[1]} pending, {failed and failed[1]} failed"
+
+
 def test_retry_needs_ids_or_all_and_reports_ids_that_are_not_failed(make_app, other_service):
     app, _db, pgevents, Thing = thing_app(make_app)
     pgevents.listen(Thing, "after_insert", ignore)
@@ -342,7 +448,7 @@ def test_no_command_shows_the_password_of_the_database_url(make_app, password_ur
     for args in [["status"], ["install-triggers"], ["failed"]]:
         result = invoke(app2, *args)
         assert result.exit_code == 1
-        assert f"Error: Could not reach the database {unreachable.drivername}://{user}:***@127.0.0.1:1/" \
+        assert f"Error: Could not connect to the database {unreachable.drivername}://{user}:***@127.0.0.1:1/" \
             in result.output
         assert SECRET not in result.output
 

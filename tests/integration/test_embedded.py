@@ -1,7 +1,6 @@
 """The embedded server that examples and tests start: restart and stop leave nothing running."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

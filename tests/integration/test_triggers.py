@@ -517,15 +517,17 @@ def test_install_is_idempotent_and_installs_exactly_what_handlers_need(make_app,
         _, backlog = pgevents.trigger_status()
     assert backlog.pending == 1 and backlog.oldest_pending_age >= datetime.timedelta(0)
 
-    # A removed handler leaves an unneeded trigger, which the next install drops.
+    # A removed handler leaves an unneeded trigger, which only a pruning install drops.
     pgevents.listen(User, "after_delete", _ignore)
     with app.app_context():
-        pgevents.install_triggers()
+        assert pgevents.install_triggers().changes == 1
     assert [t[2] for t in _triggers(other_service)] == ["pgevents_delete", "pgevents_insert"]
     pgevents.remove(User, "after_delete", _ignore)
     assert _states(app, pgevents) == {("public.user", "delete"): "unneeded", ("public.user", "insert"): "installed"}
     with app.app_context():
-        pgevents.install_triggers()
+        assert pgevents.install_triggers().changes == 0
+        assert [t[2] for t in _triggers(other_service)] == ["pgevents_delete", "pgevents_insert"]
+        assert pgevents.install_triggers(prune=True).changes == 1
     assert _triggers(other_service) == [("public", "user", "pgevents_insert", [])]
     assert _states(app, pgevents) == {("public.user", "insert"): "installed"}
 
@@ -826,8 +828,17 @@ def test_install_names_a_missing_table_and_a_misspelt_column_of_a_string_target(
     assert result.exit_code == 1
     assert result.output == (
         "Error: Table 'public.ledgers' does not exist, so no trigger can be installed on it."
-        " Create it first (db.create_all() or a migration), or fix the handler's target.\n"
+        " Create it first (db.create_all() or a migration), or fix the handlers' targets."
+        " Nothing was installed.\n"
     )
+    pgevents.listen("public.journal", "after_delete", recorder)
+    pgevents.listen("public.ledger", "after_insert", recorder)
+    result = app.test_cli_runner().invoke(pgevents_cli, ["install-triggers"])
+    assert (result.exit_code, result.output) == (1, (
+        "Error: Tables 'public.journal', 'public.ledgers' do not exist, so no trigger can be"
+        " installed on them. Create them first (db.create_all() or a migration), or fix the"
+        " handlers' targets. Nothing was installed.\n"
+    ))
     with app.app_context(), pytest.raises(MissingTableError):
         pgevents.install_triggers()
     # Nothing was installed by the failed attempts.

@@ -3,10 +3,11 @@ usage errors, help, an app without PGEvents, and a database that cannot be reach
 from __future__ import annotations
 
 import pytest
-from click.testing import Result
+from click.testing import CliRunner, Result
 from flask import Flask
+from flask.cli import FlaskGroup
 
-from flask_pgevents import PGEvents
+from flask_pgevents import ConfigurationError, PGEvents
 from flask_pgevents.cli import pgevents_cli
 
 #: Nothing listens there: a command that connects fails at once.
@@ -96,16 +97,19 @@ def test_init_app_adds_the_group_to_flask(app):
 
 @pytest.mark.parametrize("command, usage, lines", [
     ("install-triggers", "install-triggers [OPTIONS]", [
-        "Create the event schema and the triggers the handlers need.",
-        "--sql   Print the SQL instead of running it.",
+        "Create the event schema and the needed triggers; print the plan.",
+        "--sql    Print the SQL instead of running it.",
+        "--prune  Also drop this app's triggers that no handler needs.",
     ]),
     ("grant-listener", "grant-listener [OPTIONS] ROLE", [
         "Grant ROLE exactly what a process that only listens needs.",
         "--sql   Print the SQL instead of running it.",
     ]),
     ("uninstall-triggers", "uninstall-triggers [OPTIONS]", [
-        "Drop the capture triggers (and, with --drop-schema, the stored events).",
+        "Drop this app's capture triggers (and, with --drop-schema, the stored events).",
         "--drop-schema  Also drop the event schema and every stored event.",
+        "--yes          Drop the schema without asking.",
+        "--sql          Print the SQL instead of running it.",
     ]),
     ("status", "status [OPTIONS]", [
         "Show triggers per table and operation, the backlog and failed events.",
@@ -114,6 +118,7 @@ def test_init_app_adds_the_group_to_flask(app):
     ("failed", "failed [OPTIONS]", [
         "List events whose handlers failed on every attempt.",
         "--limit INTEGER  Show at most this many.  [default: 50]",
+        "--traceback      Also show each traceback and the row.",
     ]),
     ("retry", "retry [OPTIONS] [EVENT_IDS]...", [
         "Queue failed events again; handlers that succeeded are not run again.",
@@ -154,7 +159,60 @@ def test_an_unreachable_database_is_one_line_naming_it_without_its_password(app,
     result = invoke(app, *args)
     assert result.exit_code == 1
     assert result.output.startswith(
-        "Error: Could not reach the database postgresql+psycopg2://u:***@127.0.0.1:1/db: "
+        "Error: Could not connect to the database postgresql+psycopg2://u:***@127.0.0.1:1/db: "
     )
     assert result.output.count("\n") == 1
     assert "s3cret-pw" not in result.output and "Traceback" not in result.output
+
+
+# A disabled extension, and configuration errors as `flask` loads the app ------------
+
+DISABLED = (
+    "Error: flask-pgevents is disabled on this app (PGEVENTS_ENABLED is False). Set"
+    " PGEVENTS_ENABLED to True, with a PostgreSQL database configured, to use"
+    " 'flask pgevents'.\n"
+)
+
+
+@pytest.mark.parametrize("args", [
+    ["install-triggers"], ["install-triggers", "--sql"], ["grant-listener", "reader"], ["uninstall-triggers"],
+    ["status"], ["failed"], ["retry", "--all"], ["listen"],
+])
+def test_a_command_on_a_disabled_app_says_so_in_one_line(args):
+    app = Flask("disabled")
+    app.config.update(SQLALCHEMY_DATABASE_URI="sqlite://", PGEVENTS_ENABLED=False)
+    PGEvents(app)
+    result = invoke(app, *args)
+    assert (result.exit_code, result.output) == (1, DISABLED)
+
+
+@pytest.mark.parametrize("config, message", [
+    (
+        {"SQLALCHEMY_DATABASE_URI": "sqlite://"},
+        "flask-pgevents needs PostgreSQL, but SQLALCHEMY_DATABASE_URI is a 'sqlite' URI"
+        " (sqlite://). Set it to a 'postgresql://' URI.",
+    ),
+    (
+        {"PGEVENTS_DATABASE_URI": NEVER_REACHED, "PGEVENTS_BATCH_SIZE": "lots"},
+        "PGEVENTS_BATCH_SIZE must be an integer, got 'lots'. Remove it to use the default 500.",
+    ),
+])
+@pytest.mark.parametrize("args", [["pgevents", "status"], ["pgevents", "install-triggers"], ["shell"]])
+def test_a_configuration_error_as_flask_loads_the_app_is_one_line(config, message, args):
+    def create_app() -> Flask:
+        app = Flask("misconfigured")
+        app.config.update(config)
+        PGEvents(app)
+        return app
+
+    cli = FlaskGroup(create_app=create_app, load_dotenv=False)
+    result = CliRunner().invoke(cli, args)
+    assert (result.exit_code, result.output) == (1, f"Error: {message}\n")
+
+
+def test_a_configuration_error_outside_the_cli_stays_a_plain_configuration_error():
+    app = Flask("misconfigured")
+    app.config.update(SQLALCHEMY_DATABASE_URI="sqlite://")
+    with pytest.raises(ConfigurationError) as info:
+        PGEvents(app)
+    assert type(info.value) is ConfigurationError

@@ -25,9 +25,11 @@ NUMBER_KEYS = {
     "PGEVENTS_RETENTION": "retention",
     "PGEVENTS_FAILED_RETENTION": "failed_retention",
     "PGEVENTS_STOP_TIMEOUT": "stop_timeout",
+    "PGEVENTS_CONNECT_TIMEOUT": "connect_timeout",
+    "PGEVENTS_STATEMENT_TIMEOUT": "statement_timeout",
 }
 INTEGER_KEYS = {"PGEVENTS_BATCH_SIZE", "PGEVENTS_BATCH_BYTES", "PGEVENTS_MAX_ATTEMPTS"}
-FLAG_KEYS = {"PGEVENTS_AUTOSTART": "autostart", "PGEVENTS_UNPICKLE": "unpickle"}
+FLAG_KEYS = {"PGEVENTS_AUTOSTART": "autostart", "PGEVENTS_UNPICKLE": "unpickle", "PGEVENTS_ENABLED": "enabled"}
 
 
 def config(**values: Any) -> Config:
@@ -39,6 +41,7 @@ def config(**values: Any) -> Config:
 
 def test_every_key_has_its_documented_default():
     assert DEFAULTS == {
+        "PGEVENTS_ENABLED": True,
         "PGEVENTS_DATABASE_URI": None,
         "PGEVENTS_SCHEMA": "pgevents",
         "PGEVENTS_AUTOSTART": True,
@@ -55,6 +58,10 @@ def test_every_key_has_its_documented_default():
         "PGEVENTS_STOP_TIMEOUT": 10.0,
         "PGEVENTS_CAPTURE_ROLE": None,
         "PGEVENTS_UNPICKLE": False,
+        "PGEVENTS_APP_NAME": None,
+        "PGEVENTS_LOCK_TIMEOUT": 2.0,
+        "PGEVENTS_CONNECT_TIMEOUT": 10.0,
+        "PGEVENTS_STATEMENT_TIMEOUT": 60.0,
     }
 
 
@@ -144,6 +151,8 @@ def test_number_keys_refuse_what_is_not_a_number(key, value):
     ("PGEVENTS_RETENTION", 0, -60.0),
     ("PGEVENTS_FAILED_RETENTION", 0, -1.0),
     ("PGEVENTS_STOP_TIMEOUT", 0, -1.0),
+    ("PGEVENTS_CONNECT_TIMEOUT", 0, -1.0),
+    ("PGEVENTS_STATEMENT_TIMEOUT", 0, -0.5),
 ])
 def test_numbers_below_their_minimum_are_refused(key, minimum, too_small):
     with raises(
@@ -181,11 +190,25 @@ def test_flags_set_in_python_are_taken_as_booleans(key, value, expected):
     assert getattr(config(**{key: value}), FLAG_KEYS[key]) is expected
 
 
-@pytest.mark.parametrize("key", sorted(FLAG_KEYS))
+@pytest.mark.parametrize("key", sorted(FLAG_KEYS.keys() - {"PGEVENTS_AUTOSTART"}))
 @pytest.mark.parametrize("text", ["sometimes", "2", "y"])
 def test_flags_refuse_other_strings(key, text):
     with raises(ConfigurationError, f"{key} must be true or false, got {text!r}. Use True or False."):
         config(**{key: text})
+
+
+@pytest.mark.parametrize("text", ["always", "Always", " ALWAYS "])
+def test_autostart_may_also_be_always(text):
+    assert config(PGEVENTS_AUTOSTART=text).autostart == "always"
+
+
+@pytest.mark.parametrize("text", ["sometimes", "2", "y", "never"])
+def test_autostart_refuses_other_strings(text):
+    with raises(
+        ConfigurationError,
+        f"PGEVENTS_AUTOSTART must be true, false or 'always', got {text!r}. Use True, False or 'always'.",
+    ):
+        config(PGEVENTS_AUTOSTART=text)
 
 
 # The event schema's name --------------------------------------------------------------

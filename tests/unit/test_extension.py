@@ -9,7 +9,7 @@ from conftest import raises
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from flask_pgevents import AlreadyRegisteredError, ConfigurationError, PGEvents
+from flask_pgevents import AlreadyRegisteredError, ConfigurationError, DisabledError, PGEvents
 from flask_pgevents.config import DEFAULTS
 
 #: Validation needs no server: PGEvents never connects to this one.
@@ -91,8 +91,8 @@ def test_unparsable_database_uri_is_refused():
     app = plain_app(PGEVENTS_DATABASE_URI="localhost:5432/app")
     with raises(
         ConfigurationError,
-        "PGEVENTS_DATABASE_URI is not a valid database URI: Could not parse SQLAlchemy URL"
-        " from given URL string. Use for example 'postgresql://user:password@localhost/dbname'.",
+        "PGEVENTS_DATABASE_URI is not a valid database URI. Use for example"
+        " 'postgresql://user:password@localhost/dbname'.",
     ):
         PGEvents(app)
 
@@ -155,7 +155,7 @@ def test_both_ways_of_setting_up_register_the_extension():
         ),
         (
             {"PGEVENTS_AUTOSTART": "sometimes"},
-            "PGEVENTS_AUTOSTART must be true or false, got 'sometimes'. Use True or False.",
+            "PGEVENTS_AUTOSTART must be true, false or 'always', got 'sometimes'. Use True, False or 'always'.",
         ),
         (
             {"PGEVENTS_SCHEMA": ""},
@@ -282,3 +282,82 @@ def test_stopping_a_listener_that_never_started_returns_true():
     assert pgevents.stop(timeout=1) is True  # the one app is found without a context
     with app.app_context():
         assert pgevents.stop(timeout=1) is True
+
+
+# PGEVENTS_ENABLED = False: a test set-up on SQLite ----------------------------------------
+
+DISABLED = (
+    "flask-pgevents is disabled on this app (PGEVENTS_ENABLED is False): it reads no"
+    " database and handles no events. Set PGEVENTS_ENABLED to True, with a PostgreSQL"
+    " database configured, to use it."
+)
+
+
+@pytest.fixture
+def sqlite_app() -> Any:
+    """An app on SQLite, not in testing mode, with PGEVENTS_ENABLED = False."""
+    app = Flask("sqlite")
+    app.config.update(SQLALCHEMY_DATABASE_URI="sqlite://", PGEVENTS_ENABLED=False)
+    db.init_app(app)
+    with app.app_context():
+        db.create_all()
+        yield app
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_a_disabled_extension_sets_up_on_sqlite_and_handlers_register(sqlite_app):
+    before = listener_threads()
+    pgevents = PGEvents(sqlite_app, db=db)
+    calls: list[Any] = []
+    pgevents.listens_for(User, "after_insert")(calls.append)
+    db.session.add(User(email="a@example.com"))
+    db.session.commit()
+    assert pgevents.process_pending() == 0
+    assert sqlite_app.test_client().get("/").status_code == 404  # a request starts nothing
+    assert listener_threads() == before
+    assert calls == []
+
+
+def test_start_on_a_disabled_extension_logs_and_starts_nothing(sqlite_app, caplog):
+    before = listener_threads()
+    pgevents = PGEvents(sqlite_app, db=db)
+    with caplog.at_level("INFO", logger="flask_pgevents"):
+        pgevents.start()
+    assert caplog.messages == ["flask-pgevents is disabled (PGEVENTS_ENABLED is False): no listener started."]
+    assert listener_threads() == before
+    assert pgevents.stop(timeout=1) is True
+
+
+def test_suppressed_on_a_disabled_extension_just_runs_the_block(sqlite_app):
+    pgevents = PGEvents(sqlite_app, db=db)
+    with pgevents.suppressed():
+        db.session.add(User(email="b@example.com"))
+    db.session.commit()
+    assert db.session.query(User).count() == 1
+
+
+@pytest.mark.parametrize("operation", ["install_triggers", "install_sql", "uninstall_triggers", "trigger_status"])
+def test_database_operations_on_a_disabled_extension_say_it_is_disabled(sqlite_app, operation):
+    pgevents = PGEvents(sqlite_app, db=db)
+    with raises(DisabledError, DISABLED):
+        getattr(pgevents, operation)()
+
+
+def test_disabled_is_read_from_the_environment_and_reads_no_database_setting():
+    app = Flask("disabled")
+    app.config.update(PGEVENTS_ENABLED="false", PGEVENTS_DATABASE_URI="not a uri at all")
+    PGEvents(app)
+    assert app.extensions["pgevents"].enabled is False
+
+
+def test_suppressed_without_flask_sqlalchemy_is_a_clear_error():
+    app = plain_app()
+    pgevents = PGEvents(app)
+    with raises(
+        ConfigurationError,
+        "'pgevents.suppressed()' writes through Flask-SQLAlchemy's session, and this app has"
+        " none. In other clients, run \"SET LOCAL pgevents.suppress = on\" in the transaction"
+        " whose writes should not be captured.",
+    ), pgevents.suppressed():
+        pass

@@ -36,11 +36,25 @@ PRELUDE = {
 }
 
 
-def python_examples() -> list[str]:
+#: The first line of a block that is one file of a multi-file example.
+FILE_LINE = re.compile(r"# file: (\S+)\n")
+
+
+def code_blocks() -> list[str]:
     """Every ``.. code-block:: python`` of the README, dedented."""
     text = README.read_text(encoding="utf-8")
     blocks = re.findall(r"^\.\. code-block:: python\n\n((?:(?:    .*)?\n)+)", text, re.MULTILINE)
     return [textwrap.dedent(block) for block in blocks]
+
+
+def python_examples() -> list[str]:
+    """The README's snippets: the code blocks that are not files of a project."""
+    return [block for block in code_blocks() if not FILE_LINE.match(block)]
+
+
+def project_files() -> dict[str, str]:
+    """The blocks that start with ``# file: NAME``, by name: *Testing your handlers*."""
+    return {match[1]: block for block in code_blocks() if (match := FILE_LINE.match(block))}
 
 
 def with_prelude(example: str) -> str:
@@ -70,4 +84,21 @@ def test_a_readme_example_type_checks_strictly(number: int, tmp_path: Path) -> N
         if ": error:" in line and not re.search(r'Name "db\.Model" is not defined|cannot subclass "Model"', line)
     ]
     assert errors == [] and not err, f"{out}{err}\n--- example ---\n{source}"
+    assert status in (0, 1)
+
+
+def test_the_testing_example_type_checks_strictly_as_one_project(tmp_path: Path) -> None:
+    files = project_files()
+    assert sorted(files) == ["conftest.py", "myapp.py", "test_myapp.py"]
+    for name, source in files.items():
+        (tmp_path / name).write_text(source, encoding="utf-8")
+    out, err, status = mypy_api.run([
+        "--strict", "--no-incremental", "--cache-dir", str(tmp_path / ".mypy_cache"),
+        "--config-file", "", *(str(tmp_path / name) for name in sorted(files)),
+    ])
+    errors = [
+        line for line in out.splitlines()
+        if ": error:" in line and not re.search(r'Name "db\.Model" is not defined|cannot subclass "Model"', line)
+    ]
+    assert errors == [] and not err, out + err
     assert status in (0, 1)

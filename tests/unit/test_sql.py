@@ -8,7 +8,7 @@ from importlib import resources
 import pytest
 from conftest import raises
 
-from flask_pgevents.sql import BLOCKS, parse_blocks, quote_ident, quote_literal, render
+from flask_pgevents.sql import BLOCKS, dollar_tag, parse_blocks, quote_ident, quote_literal, render
 
 
 def placeholders(sql: str) -> set[str]:
@@ -168,3 +168,9 @@ def test_a_block_rendered_without_its_fragments_is_an_error():
     # Never SQL with a literal "{schema}" in it.
     with pytest.raises(KeyError, match="schema"):
         render("backlog")
+
+
+def test_dollar_tags_avoid_every_text_they_quote():
+    assert dollar_tag("plain", "") == "$pgevents$"
+    assert dollar_tag('"t$pgevents$"', "app") == "$pgevents1$"
+    assert dollar_tag("$pgevents$", "$pgevents1$ $pgevents2$") == "$pgevents3$"

@@ -13,12 +13,16 @@ import pytest
 from conftest import raises
 
 from flask_pgevents import MissingTableError, UnknownColumnError, UnknownRoleError
+from flask_pgevents.errors import TriggerOwnershipError
 from flask_pgevents.registry import TRIGGER_KINDS, TableKey
 from flask_pgevents.sql import quote_ident, quote_literal, render
-from flask_pgevents.store import CaptureRoleState, TriggerRow
+from flask_pgevents.store import CaptureFunction, CaptureRoleState, SchemaObjects, TriggerRow
 from flask_pgevents.triggers import (
+    SCHEMA_TABLES,
+    SUPPRESS_SETTING,
     CaptureOwner,
     InstalledTrigger,
+    PlanStep,
     TriggerManager,
     TriggerStatus,
     function_body,
@@ -28,7 +32,7 @@ from flask_pgevents.triggers import (
 USER = TableKey("public", "user")
 LEDGER = TableKey("public", "ledger")
 ENTRY = TableKey("audit", "entry")
-MANAGER = TriggerManager("pgevents", "pgevents_capture")
+MANAGER = TriggerManager("pgevents", "pgevents_capture", "shop")
 OWNED = CaptureOwner("pgevents_capture")
 KEPT = CaptureOwner(None)
 
@@ -44,6 +48,7 @@ def role_state(
 def row(
     table: TableKey, kind: str, *, name: Optional[str] = None, source: Optional[str] = None,
     arguments: tuple[str, ...] = (), enabled: bool = True, schema: str = "pgevents",
+    comment: Optional[str] = "flask-pgevents app: shop",
 ) -> TriggerRow:
     """A catalog row of a trigger as install-triggers creates it, unless told otherwise."""
     return TriggerRow(
@@ -53,14 +58,29 @@ def row(
         arguments=arguments,
         source=function_body(schema, kind) if source is None else source,
         enabled=enabled,
+        comment=comment,
     )
 
 
 def installed(
     table: TableKey, kind: str, columns: Optional[frozenset[str]] = None, *, current: bool = True,
-    enabled: bool = True,
+    enabled: bool = True, app: Optional[str] = "shop",
 ) -> InstalledTrigger:
-    return InstalledTrigger(table, kind, f"pgevents_{kind}", columns, current, enabled)
+    return InstalledTrigger(table, kind, f"pgevents_{kind}", columns, current, enabled, app)
+
+
+def current_objects(**functions: CaptureFunction) -> SchemaObjects:
+    """An event schema as this release installs it, with ``functions`` overriding some."""
+    return SchemaObjects(
+        tables=SCHEMA_TABLES,
+        event_columns=frozenset({"id", "op", "attempt", "retried_attempts"}),
+        functions={
+            function_name(kind): functions.get(
+                function_name(kind), CaptureFunction(function_body("pgevents", kind), "pgevents_capture", False)
+            )
+            for kind in TRIGGER_KINDS
+        },
+    )
 
 
 # Who owns the capture functions -------------------------------------------------------
@@ -228,6 +248,22 @@ def test_only_broadcast_bodies_skip_writing_while_no_listener_is_registered(kind
         assert guard not in body
 
 
+@pytest.mark.parametrize("kind", TRIGGER_KINDS)
+@pytest.mark.parametrize("schema", ["pgevents", "billing"])
+def test_every_body_first_skips_a_transaction_that_suppressed_capture(kind, schema):
+    # One setting for every schema, read once per statement, before anything else.
+    check = (
+        "IF pg_catalog.lower(pg_catalog.current_setting('pgevents.suppress', true))"
+        " IN ('on', 'true', 'yes', '1') THEN\n        RETURN NULL;"
+    )
+    body = function_body(schema, kind)
+    assert SUPPRESS_SETTING == "pgevents.suppress"
+    assert body.count(check) == 1
+    assert body.index("BEGIN") < body.index(check) < body.index("INSERT INTO")
+    if kind.startswith("broadcast_"):
+        assert body.index(check) < body.index("IF NOT EXISTS")
+
+
 @pytest.mark.parametrize("schema", ["pg\\events", "it's", 'a"b'])
 def test_capture_bodies_quote_the_channel_as_a_literal_and_the_schema_as_an_identifier(schema):
     body = function_body(schema, "insert")
@@ -239,65 +275,157 @@ def test_capture_bodies_quote_the_channel_as_a_literal_and_the_schema_as_an_iden
 # Triggers --------------------------------------------------------------------------
 
 
-def test_a_trigger_is_replaced_by_name_with_its_transition_tables_and_watched_columns():
-    assert MANAGER.trigger_sql(USER, "insert", None) == (
-        'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";\n'
-        'CREATE TRIGGER "pgevents_insert" AFTER INSERT ON "public"."user"\n'
-        "REFERENCING NEW TABLE AS pgevents_new\n"
-        'FOR EACH STATEMENT EXECUTE FUNCTION "pgevents".capture_insert();'
-    )
-    assert MANAGER.trigger_sql(ENTRY, "update", frozenset({"name", "email"})) == (
-        'DROP TRIGGER IF EXISTS "pgevents_update" ON "audit"."entry";\n'
-        'CREATE TRIGGER "pgevents_update" AFTER UPDATE ON "audit"."entry"\n'
-        "REFERENCING OLD TABLE AS pgevents_old NEW TABLE AS pgevents_new\n"
-        "FOR EACH STATEMENT EXECUTE FUNCTION \"pgevents\".capture_update('email', 'name');"
-    )
-    assert MANAGER.trigger_sql(TableKey("Odd \"Schema\"", "it's"), "broadcast_delete", None) == (
-        'DROP TRIGGER IF EXISTS "pgevents_broadcast_delete" ON "Odd ""Schema"""."it\'s";\n'
-        'CREATE TRIGGER "pgevents_broadcast_delete" AFTER DELETE ON "Odd ""Schema"""."it\'s"\n'
-        "REFERENCING OLD TABLE AS pgevents_old\n"
-        'FOR EACH STATEMENT EXECUTE FUNCTION "pgevents".capture_broadcast_delete();'
-    )
+def comment_block(trigger: str, table: str, comment: str) -> list[str]:
+    return [
+        "DO $pgevents$",
+        "BEGIN",
+        f"    COMMENT ON TRIGGER {trigger} ON {table} IS {comment};",
+        "EXCEPTION WHEN insufficient_privilege THEN",
+        "    NULL;",
+        "END",
+        "$pgevents$;",
+    ]
+
+
+def test_a_trigger_is_replaced_by_name_with_its_transition_tables_watched_columns_and_app():
+    assert MANAGER.trigger_sql(USER, "insert", None).splitlines() == [
+        'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',
+        'CREATE TRIGGER "pgevents_insert" AFTER INSERT ON "public"."user"',
+        "REFERENCING NEW TABLE AS pgevents_new",
+        'FOR EACH STATEMENT EXECUTE FUNCTION "pgevents".capture_insert();',
+        *comment_block('"pgevents_insert"', '"public"."user"', "'flask-pgevents app: shop'"),
+    ]
+    assert MANAGER.trigger_sql(ENTRY, "update", frozenset({"name", "email"})).splitlines()[:4] == [
+        'DROP TRIGGER IF EXISTS "pgevents_update" ON "audit"."entry";',
+        'CREATE TRIGGER "pgevents_update" AFTER UPDATE ON "audit"."entry"',
+        "REFERENCING OLD TABLE AS pgevents_old NEW TABLE AS pgevents_new",
+        "FOR EACH STATEMENT EXECUTE FUNCTION \"pgevents\".capture_update('email', 'name');",
+    ]
+    odd_table = TableKey('Odd "Schema"', "it's")
+    odd = TriggerManager("pgevents", "c", "it's").trigger_sql(odd_table, "broadcast_delete", None)
+    assert odd.splitlines() == [
+        'DROP TRIGGER IF EXISTS "pgevents_broadcast_delete" ON "Odd ""Schema"""."it\'s";',
+        'CREATE TRIGGER "pgevents_broadcast_delete" AFTER DELETE ON "Odd ""Schema"""."it\'s"',
+        "REFERENCING OLD TABLE AS pgevents_old",
+        'FOR EACH STATEMENT EXECUTE FUNCTION "pgevents".capture_broadcast_delete();',
+        *comment_block('"pgevents_broadcast_delete"', '"Odd ""Schema"""."it\'s"', "'flask-pgevents app: it''s'"),
+    ]
 
 
 def test_watched_column_names_are_quoted_as_literals():
     sql = MANAGER.trigger_sql(USER, "update", frozenset({"it's", "back\\slash"}))
-    assert sql.endswith("capture_update(E'back\\\\slash', 'it''s');")
+    assert "capture_update(E'back\\\\slash', 'it''s');" in sql
 
 
-def test_install_locks_creates_the_schema_drops_unneeded_triggers_and_creates_needed_ones_in_order():
+def test_a_fresh_database_gets_the_schema_and_every_needed_trigger_in_order():
     needed = {
         (USER, "update"): frozenset({"email"}),
         (ENTRY, "insert"): None,
         (USER, "broadcast_insert"): None,
-        (USER, "delete"): None,
     }
-    present = [
-        installed(USER, "delete"),  # needed: replaced by its create
-        installed(LEDGER, "insert"),  # no handler any more
-        installed(USER, "insert", current=False),  # no handler any more
-    ]
-    statements = MANAGER.install_sql(needed, present, OWNED)
-    schema_sql = MANAGER.schema_sql(OWNED)
-    assert statements[0] == (
-        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgevents install pgevents'));"
+    plan = MANAGER.plan(needed, [], SchemaObjects(), OWNED)
+    assert plan.steps == (
+        PlanStep("create", None, "event schema"),
+        PlanStep("create", ENTRY, "insert"),
+        PlanStep("create", USER, "broadcast_insert"),
+        PlanStep("create", USER, "update", "columns: email"),
     )
-    assert statements[1:1 + len(schema_sql)] == schema_sql
-    assert statements[1 + len(schema_sql):] == [
-        'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."ledger";',
-        'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',
+    schema_sql = MANAGER.schema_sql(OWNED)
+    assert plan.statements == (
+        *schema_sql,
         MANAGER.trigger_sql(ENTRY, "insert", None),
         MANAGER.trigger_sql(USER, "broadcast_insert", None),
-        MANAGER.trigger_sql(USER, "delete", None),
         MANAGER.trigger_sql(USER, "update", frozenset({"email"})),
-    ]
+    )
+    assert plan.tables == (*[None] * len(schema_sql), ENTRY, USER, USER)
+    assert plan.changes == 4
 
 
-def test_install_with_no_handlers_drops_every_trigger_and_keeps_the_schema():
-    statements = MANAGER.install_sql({}, [installed(USER, "insert")], KEPT)
-    assert statements == [
-        MANAGER.lock_sql(), *MANAGER.schema_sql(KEPT), 'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',
-    ]
+def test_nothing_to_change_is_zero_changes_and_no_statement():
+    needed = {(USER, "insert"): None, (USER, "update"): frozenset({"email"})}
+    present = [installed(USER, "insert"), installed(USER, "update", frozenset({"email"}))]
+    plan = MANAGER.plan(needed, present, current_objects(), OWNED)
+    assert plan.steps == (PlanStep("keep", USER, "insert"), PlanStep("keep", USER, "update", "columns: email"))
+    assert (plan.statements, plan.changes) == ((), 0)
+    # Triggers of releases before 0.2 carry no app: they count as this app's.
+    assert MANAGER.plan(needed, [installed(t.table, t.kind, t.columns, app=None) for t in present],
+                        current_objects(), OWNED).changes == 0
+
+
+def test_changed_columns_and_disabled_triggers_are_replaced_and_say_why():
+    needed = {(USER, "update"): frozenset({"email", "name"}), (USER, "insert"): None}
+    present = [installed(USER, "update", frozenset({"email"})), installed(USER, "insert", enabled=False)]
+    plan = MANAGER.plan(needed, present, current_objects(), OWNED)
+    assert plan.steps == (
+        PlanStep("replace", USER, "insert", "every column; was disabled"),
+        PlanStep("replace", USER, "update", "columns: email, name; was watched email"),
+    )
+    assert plan.statements == (
+        MANAGER.trigger_sql(USER, "insert", None), MANAGER.trigger_sql(USER, "update", frozenset({"email", "name"})),
+    )
+
+
+def test_unneeded_triggers_are_left_unless_pruned_and_another_apps_always():
+    present = [installed(USER, "insert"), installed(LEDGER, "insert", app="billing")]
+    plan = MANAGER.plan({}, present, current_objects(), OWNED)
+    assert plan.steps == (
+        PlanStep("leave", LEDGER, "insert", "installed for app 'billing'"),
+        PlanStep("leave", USER, "insert", "no handler needs it; --prune drops it"),
+    )
+    assert plan.statements == ()
+    pruned = MANAGER.plan({}, present, current_objects(), OWNED, prune=True)
+    assert pruned.steps == (
+        PlanStep("leave", LEDGER, "insert", "installed for app 'billing'"),
+        PlanStep("drop", USER, "insert", "no handler needs it"),
+    )
+    assert pruned.statements == ('DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',)
+    assert pruned.tables == (USER,)
+
+
+def test_a_trigger_another_app_installed_and_this_app_needs_is_refused():
+    with raises(
+        TriggerOwnershipError,
+        "The insert trigger on 'public.ledger' in schema 'pgevents' was installed for the app"
+        " 'billing', and this app ('shop') needs it too. Apps that share an event schema share its"
+        " events, so each would miss the other's: give this app its own PGEVENTS_SCHEMA. If it is"
+        " the same app under a new name, set PGEVENTS_APP_NAME = 'billing'.",
+    ):
+        MANAGER.plan({(LEDGER, "insert"): None}, [installed(LEDGER, "insert", app="billing")], current_objects(), OWNED)
+
+
+@pytest.mark.parametrize(("objects", "owner", "detail"), [
+    (current_objects(capture_insert=CaptureFunction("\nBEGIN RETURN NULL; END\n", "pgevents_capture", False)),
+     OWNED, "capture functions from another release"),
+    (current_objects(capture_delete=CaptureFunction(function_body("pgevents", "delete"), "pgevents_capture", True)),
+     OWNED, "capture functions callable by PUBLIC"),
+    (current_objects(capture_update=CaptureFunction(function_body("pgevents", "update"), "app", False)),
+     OWNED, "capture functions to be owned by 'pgevents_capture'"),
+    (current_objects(), CaptureOwner("pgevents_capture", create=True), "create the capture role 'pgevents_capture'"),
+])
+def test_an_outdated_schema_is_replaced_without_creating_its_tables_again(objects, owner, detail):
+    plan = MANAGER.plan({(USER, "insert"): None}, [installed(USER, "insert")], objects, owner)
+    assert plan.steps == (PlanStep("replace", None, "event schema", detail), PlanStep("keep", USER, "insert"))
+    assert plan.statements == tuple(MANAGER.schema_sql(owner, objects))
+    # CREATE INDEX IF NOT EXISTS would lock the event table against every writer.
+    assert not any("CREATE TABLE" in statement for statement in plan.statements)
+
+
+def test_functions_kept_by_the_installer_are_not_outdated_for_their_owner():
+    objects = current_objects(capture_insert=CaptureFunction(function_body("pgevents", "insert"), "app", False))
+    assert MANAGER.plan({}, [], objects, KEPT).statements == ()
+
+
+def test_an_event_table_of_release_0_1_gets_its_new_column():
+    objects = SchemaObjects(SCHEMA_TABLES, frozenset({"id", "attempt"}), current_objects().functions)
+    plan = MANAGER.plan({}, [], objects, OWNED)
+    assert plan.steps == (PlanStep("replace", None, "event schema", "event table from an earlier release"),)
+    assert plan.statements[0] == (
+        'ALTER TABLE "pgevents"."event" ADD COLUMN IF NOT EXISTS retried_attempts integer NOT NULL DEFAULT 0;'
+    )
+    missing_table = SchemaObjects(frozenset({"event"}), frozenset(), {})
+    assert MANAGER.plan({}, [], missing_table, OWNED).steps[0].detail.startswith(
+        "tables missing: broadcast, listener; capture functions from another release"
+    )
 
 
 def test_installs_of_two_schemas_take_different_locks():
@@ -305,17 +433,19 @@ def test_installs_of_two_schemas_take_different_locks():
     assert "hashtext(E'pgevents install a\\\\b')" in TriggerManager("a\\b", "c").lock_sql()
 
 
-def test_uninstall_drops_every_installed_trigger_and_the_schema_only_when_asked():
-    present = [installed(USER, "insert"), installed(ENTRY, "broadcast_update")]
-    drops = [
+def test_uninstall_drops_this_apps_triggers_and_the_schema_only_when_asked():
+    present = [installed(USER, "insert"), installed(ENTRY, "broadcast_update", app=None),
+               installed(LEDGER, "insert", app="billing")]
+    drops = (
         'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',
         'DROP TRIGGER IF EXISTS "pgevents_broadcast_update" ON "audit"."entry";',
-    ]
-    assert MANAGER.uninstall_sql(present) == [MANAGER.lock_sql(), *drops]
-    assert MANAGER.uninstall_sql(present, drop_schema=True) == [
-        MANAGER.lock_sql(), *drops, 'DROP SCHEMA IF EXISTS "pgevents" CASCADE;',
-    ]
-    assert MANAGER.uninstall_sql([]) == [MANAGER.lock_sql()]
+    )
+    plan = MANAGER.uninstall_plan(present)
+    assert (plan.statements, plan.tables, plan.changes) == (drops, (USER, ENTRY), 2)
+    with_schema = MANAGER.uninstall_plan(present, drop_schema=True)
+    assert with_schema.statements == (*drops, 'DROP SCHEMA IF EXISTS "pgevents" CASCADE;')
+    assert with_schema.steps[-1] == PlanStep("drop", None, "event schema", "with every stored event")
+    assert MANAGER.uninstall_plan([]).statements == ()
 
 
 # Installed triggers ------------------------------------------------------------------
@@ -327,10 +457,12 @@ def test_installed_reads_the_capture_triggers_of_the_catalog():
         row(USER, "update", arguments=("name", "email")),
         row(ENTRY, "broadcast_delete", enabled=False),
     ]
-    assert MANAGER.installed(rows) == [
-        InstalledTrigger(USER, "insert", "pgevents_insert", None, current=True, enabled=True),
-        InstalledTrigger(USER, "update", "pgevents_update", frozenset({"name", "email"}), True, True),
-        InstalledTrigger(ENTRY, "broadcast_delete", "pgevents_broadcast_delete", None, True, False),
+    assert MANAGER.installed([*rows, row(LEDGER, "insert", comment=None), row(LEDGER, "delete", comment="notes")]) == [
+        InstalledTrigger(USER, "insert", "pgevents_insert", None, current=True, enabled=True, app="shop"),
+        InstalledTrigger(USER, "update", "pgevents_update", frozenset({"name", "email"}), True, True, "shop"),
+        InstalledTrigger(ENTRY, "broadcast_delete", "pgevents_broadcast_delete", None, True, False, "shop"),
+        InstalledTrigger(LEDGER, "insert", "pgevents_insert", None, True, True, None),
+        InstalledTrigger(LEDGER, "delete", "pgevents_delete", None, True, True, None),
     ]
 
 
@@ -355,7 +487,7 @@ def test_triggers_on_other_functions_of_the_schema_are_not_capture_triggers():
         TriggerRow(USER, "x", "my_capture_insert", (), function_body("pgevents", "insert"), True),
     ]
     assert MANAGER.installed([*foreign, row(USER, "insert")]) == [
-        InstalledTrigger(USER, "insert", "pgevents_insert", None, True, True),
+        InstalledTrigger(USER, "insert", "pgevents_insert", None, True, True, "shop"),
     ]
 
 
@@ -436,7 +568,7 @@ def test_check_tables_names_a_missing_table():
     with raises(
         MissingTableError,
         "Table 'public.ledgers' does not exist, so no trigger can be installed on it. Create it"
-        " first (db.create_all() or a migration), or fix the handler's target.",
+        " first (db.create_all() or a migration), or fix the handlers' targets. Nothing was installed.",
     ):
         MANAGER.check_tables({(TableKey("public", "ledgers"), "insert"): None}, columns_of({}, []))
 
@@ -452,9 +584,14 @@ def test_check_tables_names_a_watched_column_the_table_lacks(kind):
         MANAGER.check_tables({(LEDGER, kind): frozenset({"mmo", "ammount", "amount"})}, columns_of(tables, []))
 
 
-def test_check_tables_reports_the_first_table_in_trigger_order():
-    needed = {(USER, "insert"): None, (ENTRY, "insert"): None}
-    with pytest.raises(MissingTableError, match=r"^Table 'audit\.entry' "):
+def test_check_tables_names_every_missing_table_in_trigger_order():
+    needed = {(USER, "insert"): None, (ENTRY, "insert"): None, (LEDGER, "delete"): None, (USER, "delete"): None}
+    with raises(
+        MissingTableError,
+        "Tables 'audit.entry', 'public.ledger', 'public.user' do not exist, so no trigger can be"
+        " installed on them. Create them first (db.create_all() or a migration), or fix the"
+        " handlers' targets. Nothing was installed.",
+    ):
         MANAGER.check_tables(needed, columns_of({}, []))
 
 
@@ -520,11 +657,57 @@ def test_grant_statements_quote_the_role():
 def test_a_capture_trigger_under_another_name_is_dropped_by_its_own_name():
     # A copy of the insert trigger under another name would capture every row twice.
     copies = MANAGER.installed([row(USER, "insert"), row(USER, "insert", name="legacy_insert")])
-    statements = MANAGER.install_sql({(USER, "insert"): None}, copies, OWNED)
-    assert 'DROP TRIGGER IF EXISTS "legacy_insert" ON "public"."user";' in statements
-    assert 'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";' not in statements
-    uninstall = MANAGER.uninstall_sql(copies)
-    assert uninstall[1:] == [
+    plan = MANAGER.plan({(USER, "insert"): None}, copies, current_objects(), OWNED)
+    assert plan.steps == (
+        PlanStep("drop", USER, "insert", "a copy named 'legacy_insert'"), PlanStep("keep", USER, "insert"),
+    )
+    assert plan.statements == ('DROP TRIGGER IF EXISTS "legacy_insert" ON "public"."user";',)
+    assert MANAGER.uninstall_plan(copies).statements == (
         'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',
         'DROP TRIGGER IF EXISTS "legacy_insert" ON "public"."user";',
+    )
+
+
+# Drift: what an autogenerated migration writes ---------------------------------------
+
+
+def test_drift_creates_alters_and_drops_what_differs_from_the_handlers():
+    from flask_pgevents.triggers import TriggerChange
+
+    needed = {
+        (USER, "insert"): None,
+        (USER, "update"): frozenset({"email", "name"}),
+        (LEDGER, "delete"): None,
+        (ENTRY, "insert"): None,
+    }
+    found = [
+        installed(USER, "insert"),
+        installed(USER, "update", frozenset({"email"})),
+        installed(LEDGER, "delete", enabled=False),
+        installed(LEDGER, "insert", app=None),  # from release 0.1: this app's
+        installed(ENTRY, "delete", app="billing"),  # another app's: left alone
+        installed(ENTRY, "broadcast_update", current=False),  # outdated functions are no drift
     ]
+    needed[(ENTRY, "broadcast_update")] = None
+    assert MANAGER.drift(needed, found) == [
+        TriggerChange("create", ENTRY, "insert"),
+        TriggerChange("alter", LEDGER, "delete"),
+        TriggerChange("drop", LEDGER, "insert"),
+        TriggerChange("alter", USER, "update", frozenset({"email", "name"}), frozenset({"email"})),
+    ]
+
+
+def test_no_drift_when_the_installed_triggers_match():
+    found = [installed(USER, "insert"), installed(USER, "update", frozenset({"email"}))]
+    assert MANAGER.drift({(USER, "insert"): None, (USER, "update"): frozenset({"email"})}, found) == []
+
+
+def test_drift_refuses_a_trigger_another_app_installed():
+    with pytest.raises(TriggerOwnershipError, match="installed for the app 'billing'"):
+        MANAGER.drift({(USER, "insert"): None}, [installed(USER, "insert", app="billing")])
+
+
+def test_drift_prefers_the_trigger_under_its_usual_name_to_a_copy():
+    copy = InstalledTrigger(USER, "update", "legacy_update", frozenset({"name"}), True, True, "shop")
+    found = [installed(USER, "update", frozenset({"email"})), copy]
+    assert MANAGER.drift({(USER, "update"): frozenset({"email"})}, found) == []
