@@ -53,6 +53,9 @@ def main(version: str, *, migrate: bool) -> None:
 
     package = resources.files("flask_pgevents")
     check(package.joinpath("py.typed").is_file(), "py.typed is installed")
+    template = package.joinpath("templates", "pgevents", "dashboard.html")
+    check(template.is_file(), "the dashboard's template is installed")
+    check_dashboard()
     for filename in ("schema.sql", "queries.sql"):
         blocks = sql.parse_blocks(package.joinpath("sql", filename).read_text(encoding="utf-8"))
         loaded = bool(blocks) and all(name in sql.BLOCKS for name in blocks)
@@ -82,6 +85,26 @@ def main(version: str, *, migrate: bool) -> None:
         import flask_pgevents.migrations
 
         check(hasattr(Operations, "create_pgevents_trigger"), "the Alembic operations are registered")
+
+
+def check_dashboard() -> None:
+    """The dashboard blueprint renders from the installed template (the app is disabled: no database)."""
+    from flask import Flask
+
+    from flask_pgevents import PGEvents
+
+    app = Flask("smoke_dashboard")
+    app.config.update(SECRET_KEY="smoke", PGEVENTS_ENABLED=False)
+    pgevents = PGEvents(app)
+    blueprint = pgevents.dashboard_blueprint(authorize=lambda request: request.args.get("operator") == "yes")
+    app.register_blueprint(blueprint, url_prefix="/events")
+    client = app.test_client()
+    refused = client.get("/events/")
+    page = client.get("/events/?operator=yes")
+    check(
+        refused.status_code == 403 and page.status_code == 503 and b"flask-pgevents is disabled" in page.data,
+        "the dashboard answers 403, and renders its template for an authorized request",
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ median and the min-max spread over the runs, and the JSON (default
 curves and the machine description.
 
 Scenarios: latency, throughput, write_cost, writers, memory, backlog,
-latency_history, pgbench, one module each in ``benchmarks/scenarios/``; this
+latency_history, signals, pgbench, one module each in ``benchmarks/scenarios/``; this
 script only runs them and reports. pgbench restarts the embedded server with
 ``wal_level = logical`` for its logical decoding anchor, and back.
 ``benchmarks/plot.py`` turns the JSON into ``docs/latency.png``,
@@ -53,10 +53,12 @@ if BENCHMARKS not in sys.path:
 
 from scenarios.backlog import scenario_backlog  # noqa: E402
 from scenarios.common import FULL, QUICK, BenchServer, ScenarioResult, Settings, connect, scalar  # noqa: E402
+from scenarios.filters import scenario_filters  # noqa: E402
 from scenarios.latency import scenario_latency  # noqa: E402
 from scenarios.latency_history import scenario_latency_history  # noqa: E402
 from scenarios.memory import scenario_memory  # noqa: E402
 from scenarios.pgbench import scenario_pgbench  # noqa: E402
+from scenarios.signals import scenario_signals  # noqa: E402
 from scenarios.throughput import scenario_throughput  # noqa: E402
 from scenarios.write_cost import scenario_write_cost  # noqa: E402
 from scenarios.writers import scenario_writers  # noqa: E402
@@ -77,6 +79,8 @@ SCENARIOS: dict[str, Callable[[BenchServer, Settings], ScenarioResult]] = {
     "memory": scenario_memory,
     "backlog": scenario_backlog,
     "latency_history": scenario_latency_history,
+    "signals": scenario_signals,
+    "filters": scenario_filters,
     # Last: it may restart the embedded server (wal_level) and restores it after.
     "pgbench": scenario_pgbench,
 }

@@ -86,6 +86,9 @@ class ReadmeSection(SphinxDirective):
             )
         start, body, end = sections[title]
         lines = text[body if "body-only" in self.options else start:end].splitlines()
+        # The README names its images from the repository's root (docs/x.png);
+        # Sphinx reads "/x.png" from this directory.
+        lines = [line.replace(".. image:: docs/", ".. image:: /", 1) for line in lines]
         self.env.note_dependency(str(README))
         self.state_machine.insert_input(lines, str(README))
         return []

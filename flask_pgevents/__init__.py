@@ -11,8 +11,10 @@ from .errors import (
     HandlerFailedError,
     IdentifierTooLongError,
     InstallLockError,
+    InvalidFilterError,
     InvalidHandlerError,
     MigrationContextError,
+    MissingAuthorizationError,
     MissingTableError,
     PGEventsError,
     TriggerOwnershipError,
@@ -24,6 +26,16 @@ from .errors import (
 )
 from .events import Event
 from .extension import PGEvents
+from .signals import (
+    event_failed,
+    event_gave_up,
+    event_handled,
+    listener_connection_lost,
+    listener_reconnected,
+    listener_started,
+    listener_stopped,
+)
+from .stats import Readiness, Stats
 
 __version__ = "0.2.0"
 
@@ -38,11 +50,15 @@ __all__ = [
     "HandlerFailedError",
     "IdentifierTooLongError",
     "InstallLockError",
+    "InvalidFilterError",
     "InvalidHandlerError",
     "MigrationContextError",
+    "MissingAuthorizationError",
     "MissingTableError",
     "PGEvents",
     "PGEventsError",
+    "Readiness",
+    "Stats",
     "TriggerOwnershipError",
     "UnknownColumnError",
     "UnknownEventError",
@@ -50,4 +66,11 @@ __all__ = [
     "UnknownRoleError",
     "UnmappedTargetError",
     "__version__",
+    "event_failed",
+    "event_gave_up",
+    "event_handled",
+    "listener_connection_lost",
+    "listener_reconnected",
+    "listener_started",
+    "listener_stopped",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import logging
 import signal
 import textwrap
@@ -179,14 +180,25 @@ def uninstall_triggers(drop_schema: bool, yes: bool, print_sql: bool) -> None:
 
 
 @pgevents_cli.command("status")
+@click.option(
+    "--json", "as_json", is_flag=True,
+    help="Print pgevents.stats() as JSON, with listeners and counters.",
+)
 @with_appcontext
 @_database_errors
-def status() -> None:
+def status(as_json: bool) -> None:
     """Show triggers per table and operation, the backlog and failed events.
 
-    Exits with status 1 when a needed trigger is missing or outdated.
+    Exits with status 1 when a needed trigger is missing or outdated, or the
+    event schema is not installed (with --json too).
     """
     state = _state()
+    if as_json:
+        stats = state.extension.stats(current_app)
+        click.echo(json.dumps(stats.to_dict(), indent=2, default=str))
+        if not stats.triggers_ok:
+            raise SystemExit(1)
+        return
     report, backlog = state.extension.trigger_status(current_app)
     click.echo(f"Database: {state.url.render_as_string(hide_password=True)}")
     click.echo(f"Schema: {state.config.schema}")
@@ -255,6 +267,44 @@ def retry(retry_all: bool, event_ids: tuple[int, ...]) -> None:
             f"{unknown} of the given event ids name no failed event."
             " 'flask pgevents failed' lists the failed events."
         )
+
+
+@pgevents_cli.command("backfill")
+@click.argument("target", metavar="MODEL_OR_TABLE")
+@click.option("--where", "where", metavar="SQL", help="Only the rows this SQL condition selects (trusted text).")
+@click.option("--handler", metavar="NAME", help="Only for this after_insert handler (default: all of them).")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1), help="Rows per transaction.")
+@with_appcontext
+@_database_errors
+def backfill(target: str, where: Optional[str], handler: Optional[str], batch_size: int) -> None:
+    """Emit an insert event, marked as backfill, for every existing row of MODEL_OR_TABLE.
+
+    Safe while writes go on; run it again after an interruption to resume.
+    """
+    state = _state()
+    bars: list[Any] = []
+
+    def progress(report: Any) -> None:
+        if not bars:
+            verb = "Resuming" if report.resumed else "Starting"
+            click.echo(
+                f"{verb} backfill {report.run} of {report.table}"
+                f"{f' for {report.handler}' if report.handler else ''} ({report.emitted} rows emitted so far)."
+            )
+            bar = click.progressbar(length=max(report.estimate, report.emitted, 1), label="Backfilling")
+            bar.__enter__()
+            bar.update(report.emitted)
+            bars.append(bar)
+        bars[0].update(report.batch)
+
+    try:
+        result = state.extension.backfill(
+            target, where=where, handler=handler, batch_size=batch_size, progress=progress, app=current_app,
+        )
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+    click.echo(f"Backfill {result.run} of {result.table} done: {result.emitted} row(s) emitted.")
 
 
 @pgevents_cli.command("listen")

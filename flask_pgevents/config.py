@@ -30,10 +30,12 @@ DEFAULTS: dict[str, Any] = {
     "PGEVENTS_STOP_TIMEOUT": 10.0,
     "PGEVENTS_CONNECT_TIMEOUT": 10.0,
     "PGEVENTS_STATEMENT_TIMEOUT": 60.0,
+    "PGEVENTS_ATOMIC_HANDLERS": True,
     "PGEVENTS_CAPTURE_ROLE": None,
     "PGEVENTS_UNPICKLE": False,
     "PGEVENTS_APP_NAME": None,
     "PGEVENTS_LOCK_TIMEOUT": 2.0,
+    "PGEVENTS_REQUEST_CONTEXT": True,
 }
 
 
@@ -91,12 +93,16 @@ class Config:
     app_name: Optional[str] = None
     #: Seconds install and uninstall wait for each table's lock per attempt.
     lock_timeout: float = 2.0
+    #: Transactions begun in a Flask request carry its endpoint and request id.
+    request_context: bool = True
     #: False: the extension is inert (no database is read, opened or listened to).
     enabled: bool = True
     #: Seconds to wait for the server's answer when connecting; 0: no limit.
     connect_timeout: float = 10.0
     #: Seconds the server lets a statement of the CLI and admin operations run; 0: no limit.
     statement_timeout: float = 60.0
+    #: Handlers' db.session work commits with the claim of their event.
+    atomic_handlers: bool = True
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> Config:
@@ -124,9 +130,11 @@ class Config:
             unpickle=reader.flag("PGEVENTS_UNPICKLE"),
             app_name=reader.app_name("PGEVENTS_APP_NAME"),
             lock_timeout=reader.number("PGEVENTS_LOCK_TIMEOUT", float, 0.001),
+            request_context=reader.flag("PGEVENTS_REQUEST_CONTEXT"),
             enabled=reader.flag("PGEVENTS_ENABLED"),
             connect_timeout=reader.number("PGEVENTS_CONNECT_TIMEOUT", float, 0),
             statement_timeout=reader.number("PGEVENTS_STATEMENT_TIMEOUT", float, 0),
+            atomic_handlers=reader.flag("PGEVENTS_ATOMIC_HANDLERS"),
         )
 
 

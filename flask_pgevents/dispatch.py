@@ -14,13 +14,16 @@ import logging
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
+from . import signals
+from .atomic import JoinedSession
 from .connection import CONNECTION_ERRORS, Connection
-from .events import Event, changed_in_json, load_row
+from .events import Event, changed_in_json, load_context, load_row
 from .pacing import Backoff
 from .registry import Subscription, broadcast_kind
 from .store import Claim, Store, StoredEvent, subscription_key
+from .tracing import handler_span
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -57,6 +60,21 @@ def error_record(exc: BaseException) -> dict[str, str]:
     }
 
 
+def matching_filters(subscriptions: tuple[Subscription, ...], matched: Optional[str]) -> tuple[Subscription, ...]:
+    """The subscriptions whose ``where=`` filter the event's row matched, and
+    those without one.
+
+    The capture SQL tested each filter and stored the ids of those that
+    matched: a handler gets exactly its rows, with no test in Python. An
+    event without ids (captured before the handler's filter was installed)
+    goes to unfiltered handlers only.
+    """
+    if not any(sub.filter is not None for sub in subscriptions):
+        return subscriptions
+    ids = set((matched or "").split())
+    return tuple(sub for sub in subscriptions if sub.filter is None or sub.filter_id in ids)
+
+
 def errors_json(errors: Errors) -> str:
     return json.dumps({storable(step): record for step, record in errors.items()})
 
@@ -69,6 +87,8 @@ class Failure:
     attempt: int
     done: list[str]
     errors: Errors
+    #: The event, for the ``event_gave_up`` signal; None if it could not be decoded.
+    event: Optional[Event] = None
 
 
 class ClaimCursor:
@@ -182,6 +202,15 @@ class Dispatcher:
         self.settled = 0
         #: (txid, id) of the last broadcast row read by this process.
         self.broadcast_position: tuple[str, int] = ("0", 0)
+        #: perf_counter() when the handler running now started, and its name
+        #: (readiness tells a busy listener from a wedged one).
+        self.handler_started: Optional[float] = None
+        self.handler_name = ""
+        #: The app's session joined to the claiming connection, per connection.
+        self._joined: Optional[JoinedSession] = None
+        self._joined_conn: Optional[Connection] = None
+        #: The joined session of the batch whose handlers run now, if any.
+        self._joined_batch: Optional[JoinedSession] = None
 
     # Queued events --------------------------------------------------------------
 
@@ -201,6 +230,7 @@ class Dispatcher:
         events: list[StoredEvent] = []
         limit = self._claim_limit()
         start = self.cursor.start(time.monotonic(), retry_due=self._retry_due())
+        joined = self._joined_session(store)
         store.begin()
         try:
             began = time.monotonic()
@@ -215,7 +245,9 @@ class Dispatcher:
                 # ended: look behind the cursor now rather than at the next scan.
                 return self.run_batch(store, stop) if self.cursor.rescan_due() else 0
             self._measure([event.size for event in events])
-            handled, failures = self._handle(events, stop)
+            handled, failures = self._handle(events, stop, joined)
+            if joined is not None:
+                joined.before_settle()
             self._settle(store, handled, failures)
             store.commit()
         except CONNECTION_ERRORS:
@@ -223,18 +255,40 @@ class Dispatcher:
             raise
         except Exception as exc:
             self._rollback(store)
+            if joined is not None:
+                joined.end()
             if not events:
                 raise
             return self._unsettled(store, events, exc, stop)
         except BaseException:
             self._rollback(store)
             raise
+        finally:
+            if joined is not None:
+                joined.end()
         self.isolating = max(0, self.isolating - len(events))
         settled = len(handled) + len(failures)
         last = events[settled - 1].id if settled else None  # events are handled in id order
         self.cursor.advance(claim, last, more=settled < len(events) or len(events) >= limit)
         self.settled += settled
         return settled
+
+    def _joined_session(self, store: Store) -> Optional[JoinedSession]:
+        """The app's session joined to ``store``'s connection, set up outside any transaction."""
+        if self._joined_conn is not store.conn:
+            if self._joined is not None:
+                with contextlib.suppress(Exception):
+                    self._joined.close()
+            self._joined_conn = store.conn
+            self._joined = JoinedSession.for_connection(self.state, store.conn)
+        return self._joined
+
+    def close(self) -> None:
+        """Let go of the connection-bound session, if any."""
+        if self._joined is not None:
+            with contextlib.suppress(Exception):
+                self._joined.close()
+        self._joined = self._joined_conn = None
 
     def _retry_due(self) -> bool:
         """Whether a retried event is due now; the claim then starts from the first id."""
@@ -279,11 +333,13 @@ class Dispatcher:
         }))
         return 1
 
-    def _handle(self, events: list[StoredEvent], stop: Optional[threading.Event]) -> tuple[list[int], list[Failure]]:
+    def _handle(
+        self, events: list[StoredEvent], stop: Optional[threading.Event], joined: Optional[JoinedSession] = None
+    ) -> tuple[list[int], list[Failure]]:
         handled: list[int] = []
         failures: list[Failure] = []
         started = time.monotonic()
-        with self.state.app.app_context():
+        with self.state.app.app_context(), self._joined_handlers(joined):
             for stored in events:
                 if stop is not None and stop.is_set():
                     break  # the rest is released when the batch commits
@@ -301,12 +357,32 @@ class Dispatcher:
                     failures.append(Failure(stored.id, attempt, sorted(done), {DECODE_STEP: error_record(exc)}))
                     continue
                 subscriptions = self.state.registry.handlers_for(stored.table, stored.op)
+                if stored.handler is not None:  # a backfill for one handler
+                    subscriptions = tuple(sub for sub in subscriptions if sub.name == stored.handler)
+                subscriptions = matching_filters(subscriptions, stored.matched)
                 errors = self.call_handlers(event, subscriptions, done)
                 if errors:
-                    failures.append(Failure(stored.id, attempt, sorted(done), errors))
+                    failures.append(Failure(stored.id, attempt, sorted(done), errors, event))
                 else:
                     handled.append(stored.id)
+                    if signals.event_handled.receivers:
+                        signals.send(signals.event_handled, self.state.app, event=event)
+        if handled:
+            self.state.counters.events_handled(len(handled))
         return handled, failures
+
+    @contextlib.contextmanager
+    def _joined_handlers(self, joined: Optional[JoinedSession]) -> Iterator[None]:
+        """While the batch's handlers run, ``db.session`` works in the claim's transaction."""
+        if joined is None:
+            yield
+            return
+        joined.begin()
+        self._joined_batch = joined
+        try:
+            yield
+        finally:
+            self._joined_batch = None
 
     def call_handlers(
         self, event: Event, subscriptions: Iterable[Subscription], done: Optional[set[str]] = None
@@ -322,19 +398,44 @@ class Dispatcher:
                 continue
             if sub.columns is not None and not (sub.columns & event.changed):
                 continue
+            joined = self._joined_batch
+            if joined is not None:
+                joined.before_handler()
+            self.handler_name = sub.name
+            started = self.handler_started = time.perf_counter()
             try:
-                sub.handler(event)
+                with handler_span(event, sub.name):
+                    sub.handler(event)
             except Exception as exc:
+                seconds = time.perf_counter() - started
+                self.handler_started = None
                 logger.exception(
                     "Handler %s failed for event %s (%s on %s, attempt %s).",
                     sub.name, event.id, event.op, event.table, event.attempt,
                 )
                 errors[sub.name] = error_record(exc)
-                self.state.rollback_session()
+                if joined is not None:
+                    joined.after_handler(succeeded=False)
+                else:
+                    self.state.rollback_session()
+                self._handler_failed(event, sub.name, exc, seconds, queued=done is not None)
             else:
+                self.handler_started = None
+                self.state.counters.handler_call(sub.name, time.perf_counter() - started)
+                if joined is not None:
+                    joined.after_handler(succeeded=True)
                 if done is not None:
                     done.add(sub.name)
         return errors
+
+    def _handler_failed(self, event: Event, handler: str, exc: Exception, seconds: float, *, queued: bool) -> None:
+        """Count a handler's failure, and send ``event_failed``."""
+        will_retry = queued and event.attempt < self.state.config.max_attempts
+        self.state.counters.handler_call(handler, seconds, failed=True, retried=will_retry)
+        if signals.event_failed.receivers:
+            signals.send(
+                signals.event_failed, self.state.app, event=event, handler=handler, exception=exc, will_retry=will_retry
+            )
 
     def event(self, stored: StoredEvent, attempt: int) -> Event:
         """The Event handlers receive for a stored row: values decoded by column type."""
@@ -351,6 +452,9 @@ class Dispatcher:
             timestamp=stored.created_at,
             attempt=attempt,
             changed=changed,
+            context=load_context(stored.context),
+            txid=None if stored.txid is None else int(stored.txid),
+            backfill=stored.backfill,
         )
 
     def _settle(self, store: Store, handled: list[int], failures: list[Failure]) -> None:
@@ -395,6 +499,12 @@ class Dispatcher:
             failure.event_id, attempt=failure.attempt, done=failure.done,
             errors_json=errors_json(failure.errors), failed=failed, delay=delay,
         )
+        self.state.counters.event_failed(retried=not failed)
+        if failed and signals.event_gave_up.receivers:
+            signals.send(
+                signals.event_gave_up, self.state.app, event=failure.event, event_id=failure.event_id,
+                attempt=failure.attempt, errors=failure.errors,
+            )
 
     def idle_timeout(self) -> float:
         """How long to sleep when nothing is pending: the safety poll, or less."""
@@ -449,10 +559,13 @@ def process_pending(state: AppState, timeout: Optional[float] = None) -> int:
     ) as conn:
         store = Store(conn, state.config.schema)
         store.claim_in_id_order()
-        while deadline is None or time.monotonic() < deadline:
-            count = dispatcher.run_batch(store)
-            if not count:
-                break
-            total += count
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                count = dispatcher.run_batch(store)
+                if not count:
+                    break
+                total += count
+        finally:
+            dispatcher.close()
     return total
 

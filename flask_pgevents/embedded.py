@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sqlalchemy.engine import make_url
 
@@ -79,3 +79,25 @@ class EmbeddedPostgres:
             self._server.cleanup()
         if self._own_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def run_with_database(run: Callable[[str], int], *, announce: bool = False) -> int:
+    """Call ``run(url)`` with ``DATABASE_URL``, or with a throw-away embedded server.
+
+    For examples and scripts: hosting services often hand out ``postgres://``,
+    which is rewritten to the ``postgresql://`` SQLAlchemy wants.
+
+    :param announce: say so on stdout when an embedded server is started.
+    """
+    database_url = os.environ.get("DATABASE_URL")
+    if database_url:
+        if database_url.startswith("postgres://"):
+            database_url = "postgresql://" + database_url[len("postgres://"):]
+        return run(database_url)
+    if announce:
+        print("DATABASE_URL is not set: starting an embedded PostgreSQL server.")
+    server = EmbeddedPostgres()
+    try:
+        return run(server.url())
+    finally:
+        server.stop()

@@ -24,6 +24,11 @@ class UnknownColumnError(PGEventsError, ValueError):
     """``columns=`` names a column the table does not have, or is misused."""
 
 
+class InvalidFilterError(PGEventsError, ValueError):
+    """A ``where=`` filter the capture SQL cannot evaluate: another table's
+    columns, a subquery, an unbound parameter, or a misuse."""
+
+
 class InvalidHandlerError(PGEventsError, TypeError):
     """A handler that cannot be called."""
 
@@ -91,3 +96,7 @@ class MigrationContextError(PGEventsError, RuntimeError):
 
 class HandlerFailedError(PGEventsError, AssertionError):
     """A handler raised while the pytest plugin's ``drain()`` ran it."""
+
+
+class MissingAuthorizationError(PGEventsError, TypeError):
+    """The dashboard blueprint was made without an ``authorize`` callback."""

@@ -266,6 +266,22 @@ def _same_json(old: Any, new: Any) -> bool:
 _UNSET: Any = object()
 
 
+def load_context(text: Optional[str]) -> Optional[Row]:
+    """The writer's context from the stored setting: a JSON object.
+
+    Any other value (a client's ``SET LOCAL pgevents.context = 'cron'``)
+    arrives as ``{"value": <the text>}``, rather than failing the event.
+    """
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"value": text}
+    context: Row = value if isinstance(value, dict) else {"value": value}
+    return context
+
+
 class Event:
     """One committed row change, as handed to handlers; immutable.
 
@@ -280,7 +296,10 @@ class Event:
             print(event.old["email"], "->", event.new["email"], event.changed)
     """
 
-    __slots__ = ("_target", "attempt", "changed", "id", "model", "new", "old", "op", "table", "timestamp")
+    __slots__ = (
+        "_target", "attempt", "backfill", "changed", "context", "id", "model", "new", "old", "op", "table",
+        "timestamp", "txid",
+    )
 
     id: int
     op: str
@@ -291,6 +310,17 @@ class Event:
     changed: FrozenSet[str]
     timestamp: datetime.datetime
     attempt: int
+    #: Who made the change, as the writing transaction said: the Flask request's
+    #: ``endpoint`` and ``request_id``, ``pgevents.context(**values)``, or a
+    #: client's ``SET LOCAL pgevents.context``. Empty when it said nothing.
+    context: Row
+    #: The writing transaction's id (``pg_current_xact_id()``): the events of one
+    #: transaction share it, and their ids give their order in it. ``None`` for
+    #: events stored before 0.2.
+    txid: Optional[int]
+    #: ``True`` for a row emitted by ``flask pgevents backfill`` (its ``op`` is
+    #: ``"insert"``), ``False`` for a captured change.
+    backfill: bool
     _target: Any
 
     def __init__(
@@ -305,6 +335,9 @@ class Event:
         timestamp: datetime.datetime,
         attempt: int,
         changed: Optional[FrozenSet[str]] = None,
+        context: Optional[Row] = None,
+        txid: Optional[int] = None,
+        backfill: bool = False,
     ) -> None:
         set_ = object.__setattr__
         set_(self, "id", id)
@@ -316,6 +349,9 @@ class Event:
         set_(self, "changed", changed if changed is not None else changed_columns(old, new))
         set_(self, "timestamp", timestamp)
         set_(self, "attempt", attempt)
+        set_(self, "context", context if context is not None else {})
+        set_(self, "txid", txid)
+        set_(self, "backfill", backfill)
         set_(self, "_target", _UNSET)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -328,10 +364,12 @@ class Event:
     def target(self) -> Any:
         """A transient instance of the model built from ``new`` (``old`` for deletes).
 
-        Not attached to any session; ``None`` when no model maps the table.
+        Not attached to any session; ``None`` when no model maps the table,
+        and for ``"truncate"``, which has no row.
         """
         if self._target is _UNSET:
-            object.__setattr__(self, "_target", build_instance(self.model, self.new or self.old))
+            row = None if self.op == "truncate" else self.new or self.old
+            object.__setattr__(self, "_target", build_instance(self.model, row))
         return self._target
 
     def __repr__(self) -> str:

@@ -10,16 +10,20 @@ import weakref
 from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence, TypeVar, Union
 
 import click
-from flask import Flask, current_app, has_app_context
+from flask import Blueprint, Flask, Request, current_app, has_app_context
 
+from . import backfill as backfills
+from . import context as contexts
 from . import dispatch, lifecycle, suppression
 from .cli import pgevents_cli
 from .config import DEFAULTS
 from .errors import AlreadyRegisteredError, CommandLineConfigurationError, ConfigurationError, InstallLockError
+from .filters import Where
 from .pacing import Backoff
 from .registry import Handler, Registry, Target
 from .sql import quote_ident
 from .state import AppState
+from .stats import Readiness, Stats, collect, default_max_stall
 from .store import Backlog, LockHolder, LockTimeout, Store
 from .triggers import InstallPlan, TriggerStatus, qualified
 
@@ -45,6 +49,8 @@ class PGEvents:
 
     def __init__(self, app: Optional[Flask] = None, *, db: Any = None) -> None:
         self.registry = Registry()
+        #: Functions whose values join the context of transactions begun in a request.
+        self.context_providers: list[Callable[[], Optional[dict[str, Any]]]] = []
         self._db = db
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
@@ -74,12 +80,16 @@ class PGEvents:
         - ``PGEVENTS_CONNECT_TIMEOUT``: how long connecting waits for the server.
         - ``PGEVENTS_STATEMENT_TIMEOUT``: how long the server lets a statement of
           the CLI and of administration methods run.
+        - ``PGEVENTS_ATOMIC_HANDLERS``: handlers' ``db.session`` work commits
+          with their event's claim (exactly once); ``False``: on its own.
         - ``PGEVENTS_CAPTURE_ROLE``: the NOLOGIN role owning the capture functions.
         - ``PGEVENTS_UNPICKLE``: load ``PickleType`` values in events.
         - ``PGEVENTS_APP_NAME``: the name install writes on this app's triggers
           (default: ``app.name``); another app's install leaves them alone.
         - ``PGEVENTS_LOCK_TIMEOUT``: seconds install and uninstall wait for a
           table's lock before they roll back and try again.
+        - ``PGEVENTS_REQUEST_CONTEXT``: transactions the session begins in a
+          request carry its endpoint and request id (``event.context``).
 
         :raises AlreadyRegisteredError: if this app is already set up.
         :raises ConfigurationError: if a key is invalid or no PostgreSQL
@@ -102,6 +112,8 @@ class PGEvents:
             raise CommandLineConfigurationError(str(exc)) from None
         app.extensions["pgevents"] = state
         self._apps.add(app)
+        if state.enabled and state.db is not None:
+            contexts.watch_sessions(state.db)
         app.cli.add_command(pgevents_cli)
         lifecycle.autostart(app, state.listener)
         if "alembic" in sys.modules:
@@ -118,13 +130,18 @@ class PGEvents:
         *,
         columns: Optional[Iterable[str]] = None,
         broadcast: bool = False,
+        where: Optional[Where] = None,
     ) -> Callable[[F], F]:
         """Decorate a handler for row changes of ``target``; returns it unchanged.
 
         :param target: a mapped class, a ``sqlalchemy.Table``, or ``"schema.table"``.
-        :param identifier: ``"after_insert"``, ``"after_update"``, ``"after_delete"``
-            or a list of them.
+        :param identifier: ``"after_insert"``, ``"after_update"``, ``"after_delete"``,
+            ``"after_truncate"`` or a list of them.
         :param columns: for updates only: fire only when one of these changed.
+        :param where: capture only the rows that match this SQLAlchemy
+            expression, tested in the database (``Order.status == "paid"``);
+            for updates, also a function of the old and new rows,
+            ``lambda old, new: (old.status != "paid") & (new.status == "paid")``.
         :param broadcast: run in every listening process instead of once, at
             most once per process and only while it listens; never retried.
             For cache invalidation and pushing to connected clients.
@@ -137,7 +154,7 @@ class PGEvents:
         """
 
         def decorate(fn: F) -> F:
-            self.listen(target, identifier, fn, columns=columns, broadcast=broadcast)
+            self.listen(target, identifier, fn, columns=columns, broadcast=broadcast, where=where)
             return fn
 
         return decorate
@@ -150,9 +167,10 @@ class PGEvents:
         *,
         columns: Optional[Iterable[str]] = None,
         broadcast: bool = False,
+        where: Optional[Where] = None,
     ) -> None:
         """Register ``fn`` for row changes of ``target``; see :meth:`listens_for`."""
-        self.registry.add(target, identifier, fn, columns=columns, broadcast=broadcast)
+        self.registry.add(target, identifier, fn, columns=columns, broadcast=broadcast, where=where)
         for app in list(self._apps):
             app.extensions["pgevents"].forget_tables()
 
@@ -309,12 +327,97 @@ class PGEvents:
         with self._state(app).connect() as store:
             return store.retry_failed(event_ids)
 
+    def discard_failed(self, event_ids: Sequence[int], app: Optional[Flask] = None) -> int:
+        """Delete failed events for good; return how many there were.
+
+        Pending events are never deleted, so an id retried meanwhile is left alone.
+        """
+        with self._state(app).connect() as store:
+            return store.discard_failed(event_ids)
+
+    def dashboard_blueprint(
+        self,
+        authorize: Optional[Callable[[Request], bool]] = None,
+        *,
+        name: str = "pgevents_dashboard",
+        url_prefix: Optional[str] = None,
+    ) -> Blueprint:
+        """A blueprint of the operator's dashboard: triggers, backlog, listeners, failed events.
+
+        Nothing is served until you register it. ``authorize(request)`` is
+        called before every view; a false result answers 403. Its forms post
+        with a CSRF token kept in Flask's ``session``, so the app needs a
+        ``SECRET_KEY``.
+
+        :param authorize: required; who may see events and retry or discard them.
+        :param name: the blueprint's name, for ``url_for(f"{name}.index")``.
+        :param url_prefix: where it is served, unless ``register_blueprint`` says.
+        :raises MissingAuthorizationError: without ``authorize``.
+
+        Example::
+
+            app.register_blueprint(
+                pgevents.dashboard_blueprint(authorize=lambda request: current_user.is_admin),
+                url_prefix="/admin/events",
+            )
+        """
+        from .dashboard import create_blueprint  # only apps that serve the dashboard load it
+
+        return create_blueprint(self, authorize, name=name, url_prefix=url_prefix)
+
     def trigger_status(self, app: Optional[Flask] = None) -> tuple[list[TriggerStatus], Optional[Backlog]]:
         """Triggers per table and operation, and the backlog of the event table."""
         state = self._state(app)
         with state.connect() as store:
             installed = state.triggers.installed(store.installed_triggers())
             return state.triggers.status(self.registry.needed_triggers(), installed), store.backlog()
+
+    def stats(self, app: Optional[Flask] = None) -> Stats:
+        """Triggers, backlog per table and operation, failed events, live listeners,
+        and this process's counters: what ``flask pgevents status --json`` prints.
+
+        It runs a few administration queries on a new connection; counting the
+        backlog reads every pending event (about a second per million).
+
+        :raises DisabledError: with ``PGEVENTS_ENABLED = False``.
+
+        Example::
+
+            stats = pgevents.stats()
+            print(stats.pending, stats.oldest_pending_age, stats.failed)
+            print(stats.process.handlers["myapp.handlers.welcome"].handled)
+            json.dumps(stats.to_dict())
+        """
+        state = self._state(app)
+        with state.connect() as store:
+            return collect(state, store)
+
+    def ready(
+        self,
+        app: Optional[Flask] = None,
+        *,
+        max_stall: Optional[float] = None,
+        max_handler_seconds: Optional[float] = None,
+    ) -> Readiness:
+        """Whether this process's listener thread runs, is connected and is not
+        wedged, and why not: for a readiness probe. Runs no query.
+
+        :param max_stall: seconds without beginning a claim, while no handler
+            runs, after which the listener counts as wedged; default
+            ``max(30, 3 * PGEVENTS_POLL_INTERVAL)``.
+        :param max_handler_seconds: a handler running longer counts as
+            wedged; by default a long handler only makes it busy.
+
+        Example::
+
+            @app.get("/ready")
+            def ready():
+                ok, reason = pgevents.ready()
+                return {"ready": ok, "reason": reason}, 200 if ok else 503
+        """
+        state = self._state(app)
+        stall = default_max_stall(state.config.poll_interval) if max_stall is None else max_stall
+        return state.listener.readiness(stall, max_handler_seconds)
 
     def start(self, app: Optional[Flask] = None) -> None:
         """Start this process's listener thread for the app (idempotent).
@@ -356,6 +459,81 @@ class PGEvents:
             db.session.commit()
         """
         return suppression.suppressed(self._state(app))
+
+    def context(self, **values: Any) -> ContextManager[Any]:
+        """A block whose writes through ``db.session`` carry ``values`` in ``event.context``.
+
+        The values join the request's (``endpoint``, ``request_id``) and those
+        of enclosing blocks, and last as long as the block, for every
+        transaction the session begins in it; changes still unflushed are
+        flushed as the block starts and ends, like :meth:`suppressed`. Other
+        clients run ``SET LOCAL pgevents.context = '{"actor": "cron"}'``.
+        Values must be JSON-serializable (others are stored as ``str()``).
+
+        :raises ConfigurationError: if the app has no Flask-SQLAlchemy session.
+
+        Example::
+
+            with pgevents.context(actor="cron", job="nightly-cleanup"):
+                db.session.execute(sa.delete(User).where(User.active.is_(False)))
+            db.session.commit()
+        """
+        return contexts.Context(self._state(), values)
+
+    def context_provider(self, fn: F) -> F:
+        """Decorate a function whose dict joins the context of every transaction
+        begun while a request is served: the place for the user's id.
+
+        Called once per transaction begun in a request, in it; an exception
+        is logged and leaves its values out.
+
+        Example::
+
+            @pgevents.context_provider
+            def who() -> dict[str, object]:
+                return {"user_id": session.get("user_id")}
+        """
+        self.context_providers.append(fn)
+        return fn
+
+    def backfill(
+        self,
+        target: Union[Target, str],
+        *,
+        where: Optional[str] = None,
+        handler: Union[Handler, str, None] = None,
+        batch_size: int = backfills.DEFAULT_BATCH_SIZE,
+        progress: Optional[Callable[[backfills.BackfillProgress], Any]] = None,
+        app: Optional[Flask] = None,
+    ) -> backfills.BackfillProgress:
+        """Emit an ``insert`` event, with ``event.backfill`` true, for every row
+        that exists in ``target``, so that its ``after_insert`` handlers process history.
+
+        Runs in batches of ``batch_size`` rows, one transaction each, in
+        primary-key order, while writes go on: rows changed meanwhile also get
+        their normal events, and the backfill emits each row once. Interrupted,
+        the same call (same target, handler and ``where``) resumes after the
+        last batch. A finished backfill called again starts a new run.
+
+        :param target: a mapped class, its name, a ``Table`` or ``"schema.table"``.
+        :param where: a SQL condition on the table's columns, **put in the
+            statement verbatim**: pass only trusted text, never user input.
+        :param handler: the one handler (function, or its recorded name) the
+            events are for; default: every ``after_insert`` handler of the table.
+        :param progress: called with a :class:`~flask_pgevents.backfill.BackfillProgress`
+            when the run starts and after each batch.
+        :raises UnknownHandlerError: if the table has no ``after_insert``
+            handler, or ``handler`` is not one of them.
+        :raises MissingTableError: if the table, its primary key or the event
+            schema is missing.
+
+        Example::
+
+            pgevents.backfill(User, where="created_at > now() - interval '30 days'", handler=welcome)
+        """
+        return backfills.backfill(
+            self._state(app), target, where=where, handler=handler, batch_size=batch_size, progress=progress,
+        )
 
     def process_pending(self, timeout: Optional[float] = None, app: Optional[Flask] = None) -> int:
         """Handle every committed event pending now in this thread; return how many.

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
+from . import signals
 from .connection import (
     CONNECTION_ERRORS,
     PERMANENT_FAILURES,
@@ -26,6 +27,7 @@ from .connection import (
 from .dispatch import BROADCAST_RETENTION_SECONDS, Dispatcher
 from .errors import DatabaseAccessError, DatabaseUnavailableError
 from .pacing import Backoff, Pacer, Step
+from .stats import Readiness
 from .store import RESCAN, Store
 
 if TYPE_CHECKING:
@@ -112,6 +114,12 @@ class Listener:
         self.failure: Optional[DatabaseAccessError] = None
         # A thread that did not stop in time: stop() waits for it only once.
         self._abandoned: Optional[threading.Thread] = None
+        #: Monotonic time since which the loop is connected; None while not.
+        self.connected_at: Optional[float] = None
+        #: Monotonic time at which the loop last began a claim.
+        self.heartbeat: Optional[float] = None
+        # The running loop's dispatcher: which handler runs now, since when.
+        self._dispatcher: Optional[Dispatcher] = None
 
     @property
     def running(self) -> bool:
@@ -196,6 +204,9 @@ class Listener:
         os.set_blocking(wake_r, False)
         self._wake = (wake_r, wake_w)
         self.failure = None
+        self._dispatcher = dispatcher
+        if signals.listener_started.receivers:
+            signals.send(signals.listener_started, self.state.app)
         try:
             while not self._stop.is_set():
                 failure = self._connect_and_serve(dispatcher, housekeeping, reconnect, fail_fast, on_connect)
@@ -203,10 +214,13 @@ class Listener:
                     self.failure = failure
                     break
         finally:
+            dispatcher.close()
             self._wake = None
             os.close(wake_r)
             os.close(wake_w)
         logger.info("pgevents listener stopped (pid %s).", os.getpid())
+        if signals.listener_stopped.receivers:
+            signals.send(signals.listener_stopped, self.state.app)
 
     def _connect_and_serve(
         self,
@@ -228,10 +242,17 @@ class Listener:
             store.claim_in_id_order()
             store.listen()  # before the catch-up read, so no event falls in between
             self._log_connected(reconnect)
+            self.connected_at = self.heartbeat = time.monotonic()
+            if reconnect.failures and signals.listener_reconnected.receivers:
+                signals.send(signals.listener_reconnected, self.state.app, failures=reconnect.failures)
             if on_connect is not None:
                 on_connect()
             self._serve(store, dispatcher, housekeeping, reconnect)
         except Exception as exc:  # noqa: BLE001 - the loop logs and never dies
+            if self.connected_at is not None:
+                self.connected_at = None
+                if signals.listener_connection_lost.receivers:
+                    signals.send(signals.listener_connection_lost, self.state.app, exception=exc)
             failure = self._permanent_failure(exc)
             if failure is not None and fail_fast:
                 return failure
@@ -249,6 +270,7 @@ class Listener:
                 self._log_failure(exc, delay)
             self._stop.wait(delay)
         finally:
+            self.connected_at = None
             if conn is not None:
                 conn.close()
         return None
@@ -287,6 +309,7 @@ class Listener:
         dispatcher.start_broadcasts(store)
         pacer = Pacer(self.state.config.batch_size)
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
             handled = dispatcher.run_batch(store, self._stop) + dispatcher.run_broadcasts(store)
             reconnect.reset()  # only a working claim proves the set-up right
             housekeeping.vacuum_if_due(store, dispatcher)
@@ -300,6 +323,35 @@ class Listener:
                 self._take(store, pacer.woken())
         if not store.conn.closed:
             store.unregister_listener()
+
+    def readiness(self, max_stall: float, max_handler_seconds: Optional[float] = None) -> Readiness:
+        """Whether the loop runs here, is connected, and is not wedged.
+
+        Wedged: no claim began for ``max_stall`` seconds while no handler ran
+        (a query or the server hangs). A handler running long keeps it ready
+        ("busy"), unless it runs longer than ``max_handler_seconds``.
+        """
+        if not self.running:
+            return Readiness(False, "The pgevents listener thread does not run in this process.")
+        if self.connected_at is None:
+            return Readiness(False, "The pgevents listener is not connected to the database; it is reconnecting.")
+        dispatcher = self._dispatcher
+        started = dispatcher.handler_started if dispatcher is not None else None
+        if started is not None and dispatcher is not None:
+            running = time.perf_counter() - started
+            if max_handler_seconds is not None and running > max_handler_seconds:
+                return Readiness(False, (
+                    f"The pgevents handler {dispatcher.handler_name} has been running for {running:.0f} s,"
+                    f" longer than {max_handler_seconds:g} s."
+                ))
+            return Readiness(True, f"Busy: handler {dispatcher.handler_name} running for {running:.1f} s.")
+        stalled = time.monotonic() - (self.heartbeat or time.monotonic())
+        if stalled > max_stall:
+            return Readiness(False, (
+                f"The pgevents listener began no claim for {stalled:.0f} s (more than {max_stall:g} s):"
+                " a query or the database server hangs."
+            ))
+        return Readiness(True, "Connected and listening.")
 
     def _take(self, store: Store, step: Step) -> list[str]:
         """Publish the step's idle flag, then wait as it says; return the wake-ups' payloads."""

@@ -33,7 +33,7 @@ from flask import current_app, has_app_context
 
 from .connection import BorrowedConnection
 from .errors import MigrationContextError, UnknownEventError
-from .registry import EVENT_OPS, TableKey, TriggerKey, TriggerSet, broadcast_kind, is_broadcast, op_of
+from .registry import EVENT_OPS, TableKey, TriggerKey, TriggerSet, TriggerSpec, broadcast_kind, is_broadcast, op_of
 from .state import AppState
 from .store import Store
 from .triggers import InstallPlan, TriggerChange
@@ -50,7 +50,7 @@ def trigger_key(table_name: str, event: str, schema: Optional[str], broadcast: b
     """The trigger an operation names, as the registry keys it.
 
     :raises UnknownEventError: for an event other than ``after_insert``,
-        ``after_update`` or ``after_delete``.
+        ``after_update``, ``after_delete`` or ``after_truncate``.
     """
     op = EVENT_OPS.get(event)
     if op is None:
@@ -63,6 +63,12 @@ def trigger_key(table_name: str, event: str, schema: Optional[str], broadcast: b
 
 def _columns(columns: Optional[Iterable[str]]) -> Optional[frozenset[str]]:
     return frozenset(columns) if columns else None
+
+
+def _filters(filters: Optional[Iterable[str]]) -> frozenset[str]:
+    if isinstance(filters, str):
+        filters = [filters]
+    return frozenset(filters or ())
 
 
 def _render_call(name: str, *args: Any, **options: Any) -> str:
@@ -86,6 +92,11 @@ class TriggerOperation(MigrateOperation):
     :param columns: for ``after_update``: the columns whose change it captures
         (``None``: every column).
     :param broadcast: the trigger of broadcast handlers.
+    :param filters: the handlers' ``where=`` filters, as compiled into the
+        capture SQL when the migration was written (frozen: a later change
+        of the handlers' filters is a later migration).
+    :param every_row: ``False`` when every handler has a filter, so that
+        rows matching none are not captured.
     """
 
     #: The ``op.`` method that renders and runs it.
@@ -99,34 +110,50 @@ class TriggerOperation(MigrateOperation):
         schema: Optional[str] = None,
         columns: Optional[Iterable[str]] = None,
         broadcast: bool = False,
+        filters: Optional[Iterable[str]] = None,
+        every_row: bool = True,
     ) -> None:
         self.key = trigger_key(table_name, event, schema, broadcast)
         self.table_name, self.event, self.broadcast = table_name, event, broadcast
         self.schema = self.key[0].schema
         self.columns = _columns(columns)
+        self.filters = _filters(filters)
+        self.every_row = every_row or not self.filters
+
+    @property
+    def spec(self) -> TriggerSpec:
+        """What the trigger captures after the operation."""
+        return TriggerSpec(self.columns, self.filters, self.every_row)
 
     @classmethod
     def from_change(cls, change: TriggerChange) -> TriggerOperation:
         names = (change.table.name, f"after_{op_of(change.kind)}")
         options: dict[str, Any] = {
             "schema": change.table.schema, "columns": change.columns, "broadcast": is_broadcast(change.kind),
+            "filters": change.filters, "every_row": change.every_row,
         }
         if change.action == "alter":
-            return AlterTriggerOp(*names, existing_columns=change.existing_columns, **options)
+            return AlterTriggerOp(
+                *names, existing_columns=change.existing_columns, existing_filters=change.existing_filters,
+                existing_every_row=change.existing_every_row, **options,
+            )
         return (CreateTriggerOp if change.action == "create" else DropTriggerOp)(*names, **options)
 
     def render(self) -> str:
         return _render_call(
             self.method, self.table_name, self.event,
             schema=self.schema, columns=self.columns, broadcast=self.broadcast,
+            filters=sorted(self.filters) or None, every_row=None if self.every_row else False,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
-        return (self.method.replace("_pgevents", ""), str(self.key[0]), self.key[1], self.columns)
+        diff = (self.method.replace("_pgevents", ""), str(self.key[0]), self.key[1], self.columns)
+        return (*diff, self.filters, self.every_row) if self.filters else diff
 
-    def _same(self, operation_class: type[TriggerOperation], columns: Optional[frozenset[str]]) -> TriggerOperation:
+    def _same(self, operation_class: type[TriggerOperation]) -> TriggerOperation:
         return operation_class(
-            self.table_name, self.event, schema=self.schema, columns=columns, broadcast=self.broadcast
+            self.table_name, self.event, schema=self.schema, columns=self.columns, broadcast=self.broadcast,
+            filters=self.filters, every_row=self.every_row,
         )
 
 
@@ -146,17 +173,24 @@ class CreateTriggerOp(TriggerOperation):
         schema: Optional[str] = None,
         columns: Optional[Iterable[str]] = None,
         broadcast: bool = False,
+        filters: Optional[Iterable[str]] = None,
+        every_row: bool = True,
     ) -> None:
         """Install the capture trigger of ``event`` on a table, in the migration's transaction.
 
         Example::
 
             op.create_pgevents_trigger("user", "after_update", schema="public", columns=["email"])
+            op.create_pgevents_trigger("order", "after_update", filters=["new_row.status = 'paid'"],
+                                       every_row=False)
         """
-        operations.invoke(cls(table_name, event, schema=schema, columns=columns, broadcast=broadcast))
+        operations.invoke(cls(
+            table_name, event, schema=schema, columns=columns, broadcast=broadcast, filters=filters,
+            every_row=every_row,
+        ))
 
     def reverse(self) -> MigrateOperation:
-        return self._same(DropTriggerOp, self.columns)
+        return self._same(DropTriggerOp)
 
 
 @Operations.register_operation("alter_pgevents_trigger")
@@ -174,9 +208,18 @@ class AlterTriggerOp(TriggerOperation):
         columns: Optional[Iterable[str]] = None,
         existing_columns: Optional[Iterable[str]] = None,
         broadcast: bool = False,
+        filters: Optional[Iterable[str]] = None,
+        every_row: bool = True,
+        existing_filters: Optional[Iterable[str]] = None,
+        existing_every_row: bool = True,
     ) -> None:
-        super().__init__(table_name, event, schema=schema, columns=columns, broadcast=broadcast)
+        super().__init__(
+            table_name, event, schema=schema, columns=columns, broadcast=broadcast, filters=filters,
+            every_row=every_row,
+        )
         self.existing_columns = _columns(existing_columns)
+        self.existing_filters = _filters(existing_filters)
+        self.existing_every_row = existing_every_row or not self.existing_filters
 
     @classmethod
     def alter_pgevents_trigger(
@@ -189,9 +232,14 @@ class AlterTriggerOp(TriggerOperation):
         columns: Optional[Iterable[str]] = None,
         existing_columns: Optional[Iterable[str]] = None,
         broadcast: bool = False,
+        filters: Optional[Iterable[str]] = None,
+        every_row: bool = True,
+        existing_filters: Optional[Iterable[str]] = None,
+        existing_every_row: bool = True,
     ) -> None:
-        """Make the capture trigger of ``event`` watch ``columns``; ``existing_columns``
-        is what it watched, for the downgrade.
+        """Make the capture trigger of ``event`` watch ``columns`` and test
+        ``filters``; ``existing_columns`` and ``existing_filters`` are what it
+        did, for the downgrade.
 
         Example::
 
@@ -200,22 +248,28 @@ class AlterTriggerOp(TriggerOperation):
         """
         operations.invoke(cls(
             table_name, event, schema=schema, columns=columns, existing_columns=existing_columns,
-            broadcast=broadcast,
+            broadcast=broadcast, filters=filters, every_row=every_row, existing_filters=existing_filters,
+            existing_every_row=existing_every_row,
         ))
 
     def render(self) -> str:
         return _render_call(
             self.method, self.table_name, self.event, schema=self.schema, columns=self.columns,
             existing_columns=self.existing_columns, broadcast=self.broadcast,
+            filters=sorted(self.filters) or None, every_row=None if self.every_row else False,
+            existing_filters=sorted(self.existing_filters) or None,
+            existing_every_row=None if self.existing_every_row else False,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
-        return (*super().to_diff_tuple(), self.existing_columns)
+        diff = (*super().to_diff_tuple(), self.existing_columns)
+        return (*diff, self.existing_filters, self.existing_every_row) if self.existing_filters else diff
 
     def reverse(self) -> MigrateOperation:
         return AlterTriggerOp(
             self.table_name, self.event, schema=self.schema, columns=self.existing_columns,
-            existing_columns=self.columns, broadcast=self.broadcast,
+            existing_columns=self.columns, broadcast=self.broadcast, filters=self.existing_filters,
+            every_row=self.existing_every_row, existing_filters=self.filters, existing_every_row=self.every_row,
         )
 
 
@@ -235,6 +289,8 @@ class DropTriggerOp(TriggerOperation):
         schema: Optional[str] = None,
         columns: Optional[Iterable[str]] = None,
         broadcast: bool = False,
+        filters: Optional[Iterable[str]] = None,
+        every_row: bool = True,
     ) -> None:
         """Drop the capture trigger of ``event`` on a table, if this app installed it.
 
@@ -242,10 +298,13 @@ class DropTriggerOp(TriggerOperation):
 
             op.drop_pgevents_trigger("user", "after_delete", schema="public")
         """
-        operations.invoke(cls(table_name, event, schema=schema, columns=columns, broadcast=broadcast))
+        operations.invoke(cls(
+            table_name, event, schema=schema, columns=columns, broadcast=broadcast, filters=filters,
+            every_row=every_row,
+        ))
 
     def reverse(self) -> MigrateOperation:
-        return self._same(CreateTriggerOp, self.columns)
+        return self._same(CreateTriggerOp)
 
 
 @Operations.register_operation("install_pgevents_triggers")
@@ -384,7 +443,7 @@ def install_plan(state: AppState, store: Store, needed: TriggerSet, *, prune: bo
 @Operations.implementation_for(CreateTriggerOp)
 @Operations.implementation_for(AlterTriggerOp)
 def _install_trigger(operations: Operations, operation: TriggerOperation) -> None:
-    run_operation(operations, lambda state, store: install_plan(state, store, {operation.key: operation.columns}))
+    run_operation(operations, lambda state, store: install_plan(state, store, {operation.key: operation.spec}))
 
 
 @Operations.implementation_for(DropTriggerOp)

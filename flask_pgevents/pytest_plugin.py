@@ -226,13 +226,13 @@ class HandledEvents:
         from .registry import is_broadcast
 
         registry = self.pgevents.registry
-        for (table, kind), columns in registry.needed_triggers().items():
+        for (table, kind), spec in registry.needed_triggers().items():
             if is_broadcast(kind):
                 continue  # process_pending does not run broadcast handlers
             _, sa_table = registry.model_for(table)
             target: Target = sa_table if sa_table is not None else str(table)
             identifier = f"after_{kind}"
-            self.pgevents.listen(target, identifier, self._record, columns=columns)
+            self.pgevents.listen(target, identifier, self._record, columns=spec.columns)
             self._recorders.append((target, identifier))
 
     def stop_recording(self) -> None:

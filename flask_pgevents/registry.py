@@ -1,7 +1,8 @@
 """Handlers by table and kind, validated when they are registered; no I/O.
 
 Words used throughout the package: an *op* is what happened to a row
-(``"insert"``, ``"update"``, ``"delete"``), as in ``Event.op``; a *kind* is an
+(``"insert"``, ``"update"``, ``"delete"``) or to a whole table
+(``"truncate"``), as in ``Event.op``; a *kind* is an
 op with its delivery, ``"insert"`` for queued handlers or ``"broadcast_insert"``
 for broadcast ones. Each table has one trigger per kind in use.
 """
@@ -16,18 +17,21 @@ import sqlalchemy as sa
 
 from .errors import (
     IdentifierTooLongError,
+    InvalidFilterError,
     InvalidHandlerError,
     UnknownColumnError,
     UnknownEventError,
     UnknownHandlerError,
     UnmappedTargetError,
 )
+from .filters import Where, compile_filter, filter_id
 
 #: Public event names mapped to the op stored for them.
 EVENT_OPS = {
     "after_insert": "insert",
     "after_update": "update",
     "after_delete": "delete",
+    "after_truncate": "truncate",
 }
 OPS = tuple(EVENT_OPS.values())
 #: Broadcast handlers are kept apart under "broadcast_<op>": they have
@@ -40,8 +44,11 @@ def broadcast_kind(op: str) -> str:
     return BROADCAST_PREFIX + op
 
 
-#: Every kind: queued delivery per op, and broadcast.
-TRIGGER_KINDS = OPS + tuple(broadcast_kind(op) for op in OPS)
+#: Every kind: queued delivery per op, and broadcast of row changes. There
+#: is no broadcast TRUNCATE: its trigger name would be the longest and cut
+#: two bytes off the longest schema name PGEVENTS_SCHEMA accepts.
+ROW_OPS = ("insert", "update", "delete")
+TRIGGER_KINDS = OPS + tuple(broadcast_kind(op) for op in ROW_OPS)
 #: PostgreSQL cuts longer identifiers (NAMEDATALEN - 1).
 MAX_IDENTIFIER_BYTES = 63
 
@@ -72,9 +79,33 @@ class TableKey:
 
 #: A trigger: one table and one kind.
 TriggerKey = Tuple[TableKey, str]
-#: The triggers the handlers need, each with the update columns it watches
-#: (``None``: every column).
-TriggerSet = Dict[TriggerKey, Optional[FrozenSet[str]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TriggerSpec:
+    """What one trigger captures.
+
+    :param columns: for updates, the columns whose change it captures
+        (``None``: every column).
+    :param filters: the compiled ``where=`` conditions of its handlers. Each
+        event carries the ids of those its row matched (see
+        :func:`~flask_pgevents.filters.filter_id`).
+    :param every_row: some handler has no ``where=``, so every row is
+        captured; otherwise only rows that match one of ``filters``.
+    """
+
+    columns: Optional[FrozenSet[str]] = None
+    filters: FrozenSet[str] = frozenset()
+    every_row: bool = True
+
+    @property
+    def filtered(self) -> bool:
+        """The trigger computes filters, so it needs a function of its own."""
+        return bool(self.filters)
+
+
+#: The triggers the handlers need, and what each captures.
+TriggerSet = Dict[TriggerKey, TriggerSpec]
 
 
 def trigger_order(key: TriggerKey) -> tuple[str, str]:
@@ -94,6 +125,13 @@ class Subscription:
     name: str
     model: Optional[type]
     sa_table: Optional[sa.Table]
+    #: The compiled ``where=`` condition, or ``None``: every row.
+    filter: Optional[str] = None
+
+    @property
+    def filter_id(self) -> Optional[str]:
+        """The id events carry when their row matched this handler's filter."""
+        return None if self.filter is None else filter_id(self.filter)
 
 
 def handler_name(fn: Handler) -> str:
@@ -181,7 +219,7 @@ def resolve_ops(identifier: Union[str, Sequence[str]], target: Any) -> list[str]
 
     :raises UnknownEventError: for a name that is not an event.
     """
-    expected = "Expected one of 'after_insert', 'after_update', 'after_delete'."
+    expected = "Expected one of 'after_insert', 'after_update', 'after_delete', 'after_truncate'."
     if isinstance(identifier, str):
         names: list[Any] = [identifier]
     elif isinstance(identifier, (list, tuple, set, frozenset)):
@@ -293,6 +331,7 @@ class Registry:
         *,
         columns: Optional[Iterable[str]] = None,
         broadcast: bool = False,
+        where: Optional[Where] = None,
     ) -> list[Subscription]:
         """Validate and store a handler; return the subscriptions it made.
 
@@ -307,12 +346,19 @@ class Registry:
                 f" not callable: got {fn!r}. Pass a function that takes one Event."
             )
         wanted = _check_columns(columns, ops, target, sa_table, model)
+        if broadcast and "truncate" in ops:
+            raise UnknownEventError(
+                f"'after_truncate' of {_describe(target)!r} cannot be broadcast. Register a queued"
+                " handler for it (it runs once, in one process), and reset shared state there."
+            )
+        filters = self._filters(where, ops, target, sa_table, model, broadcast)
         added = []
         with self._lock:
             for op in ops:
                 kind = broadcast_kind(op) if broadcast else op
                 sub = Subscription(
-                    table_key, kind, fn, wanted, self._name_for(table_key, kind, fn), model, sa_table
+                    table_key, kind, fn, wanted, self._name_for(table_key, kind, fn), model, sa_table,
+                    filters.get(op),
                 )
                 # Registering a handler again for the same table and kind
                 # replaces its columns: it runs once per event, never twice.
@@ -324,6 +370,26 @@ class Registry:
                 added.append(sub)
             self._reindex()
         return added
+
+    @staticmethod
+    def _filters(
+        where: Optional[Where],
+        ops: list[str],
+        target: Any,
+        sa_table: Optional[sa.Table],
+        model: Optional[type],
+        broadcast: bool,
+    ) -> dict[str, str]:
+        """``where=`` compiled for each op."""
+        if where is None:
+            return {}
+        if broadcast:
+            raise InvalidFilterError(
+                f"where= is not supported on broadcast handlers (for {_describe(target)!r}). Test"
+                " the row in the handler, or register a queued handler."
+            )
+        names = _column_names(sa_table, model) if sa_table is not None else {}
+        return {op: compile_filter(where, op, sa_table, names, _describe(target)) for op in ops}
 
     def _name_for(self, table: TableKey, kind: str, fn: Handler) -> str:
         # Handlers made by one factory, or bound methods of two instances,
@@ -392,16 +458,23 @@ class Registry:
         return self._by_key.get((table, kind), ())
 
     def needed_triggers(self) -> TriggerSet:
-        """Which triggers the handlers need, with the update columns to watch.
+        """Which triggers the handlers need, with the update columns to watch
+        and the handlers' filters.
 
-        ``None`` as the column set means every column.
+        ``None`` as the column set means every column. A trigger captures
+        every row unless each of its handlers has a filter; then it captures
+        the rows that match at least one.
         """
         needed: TriggerSet = {}
         for (table, kind), subs in self._by_key.items():
-            if op_of(kind) != "update" or any(s.columns is None for s in subs):
-                needed[(table, kind)] = None
-            else:
-                needed[(table, kind)] = frozenset().union(*(s.columns or () for s in subs))
+            columns: Optional[frozenset[str]] = None
+            if op_of(kind) == "update" and all(s.columns is not None for s in subs):
+                columns = frozenset().union(*(s.columns or () for s in subs))
+            needed[(table, kind)] = TriggerSpec(
+                columns,
+                frozenset(s.filter for s in subs if s.filter is not None),
+                any(s.filter is None for s in subs),
+            )
         return needed
 
     def model_for(self, table: TableKey) -> tuple[Optional[type], Optional[sa.Table]]:

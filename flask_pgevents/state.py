@@ -19,6 +19,7 @@ from .events import RowDecoder
 from .listener import Listener
 from .registry import Registry, TableKey
 from .sql import render
+from .stats import Counters
 from .store import Store
 from .triggers import TriggerManager
 
@@ -65,6 +66,8 @@ class AppState:
         self._dialect = self._url.get_dialect()() if self._url is not None else None
         self._tables: dict[TableKey, TableInfo] = {}
         self._tables_lock = threading.Lock()
+        #: Handled, failed and retried counts and handler times in this process.
+        self.counters = Counters()
         self.listener = Listener(self)
         lifecycle.track(self.listener)
 

@@ -15,7 +15,8 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 from .connection import Connection, sqlstate
 from .registry import TableKey
-from .sql import BLOCKS, quote_ident, render
+from .sql import BLOCKS, quote_ident, quote_literal, render
+from .stats import PendingEvents
 
 
 class StoredEvent(NamedTuple):
@@ -35,8 +36,17 @@ class StoredEvent(NamedTuple):
     #: Handlers that already succeeded in a failed attempt.
     done_handlers: tuple[str, ...] = ()
     size: int = 0
-    #: The writing transaction (broadcast rows only), as text.
+    #: The writing transaction, as text; ``None`` for events of releases before 0.2.
     txid: Optional[str] = None
+    #: The writer's ``pgevents.context`` setting, as set (JSON text), or ``None``.
+    context: Optional[str] = None
+    #: A backfill event (``flask pgevents backfill``), not a captured change.
+    backfill: bool = False
+    #: The one handler a backfill event is for; ``None``: every handler.
+    handler: Optional[str] = None
+    #: The ids of the ``where=`` filters the row matched, space-separated;
+    #: ``None`` when its trigger had no filters.
+    matched: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +120,21 @@ class SchemaObjects:
 
 
 @dataclasses.dataclass(frozen=True)
+class ListenerSession:
+    """A listener registered in the event schema, whose database session is alive."""
+
+    pid: int
+    #: Waiting for events (``False``: handling a batch).
+    idle: bool
+    #: When it last became idle or busy.
+    since: datetime.datetime
+    application_name: str
+    #: ``None`` for a Unix socket, or when the role may not see it.
+    client_addr: Optional[str]
+    connected_for: Optional[datetime.timedelta]
+
+
+@dataclasses.dataclass(frozen=True)
 class LockHolder:
     """A session holding a lock on a table that install needs."""
 
@@ -128,6 +153,29 @@ class LockTimeout(Exception):
     def __init__(self, index: int) -> None:
         super().__init__(f"statement {index} could not take its lock")
         self.index = index
+
+
+@dataclasses.dataclass(frozen=True)
+class BackfillRun:
+    """A backfill run as stored: started or resumed."""
+
+    id: int
+    #: Rows emitted so far, by every process that ran it.
+    emitted: int
+    #: An unfinished run of the same backfill was found and goes on.
+    resumed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BackfillBatch:
+    """What one batch of a backfill did."""
+
+    #: Rows it emitted as events.
+    batch: int
+    #: Rows the run has emitted in all.
+    emitted: int
+    #: The run reached the end of the table.
+    finished: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +200,15 @@ _SCHEMA_QUERIES = [name for name, sql in BLOCKS.items() if _placeholders(sql) ==
 #: The payload of a wake-up that asks listeners to claim from the first id
 #: (writers' wake-ups have none).
 RESCAN = "rescan"
+
+
+def qualified_name(table: TableKey) -> str:
+    return f"{quote_ident(table.schema)}.{quote_ident(table.name)}"
+
+
+def _verbatim(condition: Optional[str]) -> str:
+    """A user's SQL condition as a statement with parameters takes it (``%`` doubled)."""
+    return "TRUE" if not condition else condition.replace("%", "%%")
 
 
 def subscription_key(table: TableKey, op: str) -> str:
@@ -197,7 +254,10 @@ class Store:
         id_, schema, table, op, old, new, created_at = (
             index[column] for column in ("id", "table_schema", "table_name", "op", "old", "new", "created_at")
         )
-        attempt, done, size, txid = (index.get(column) for column in ("attempt", "done_handlers", "size", "txid"))
+        attempt, done, size, txid, context, backfill, handler, matched = (
+            index.get(column)
+            for column in ("attempt", "done_handlers", "size", "txid", "context", "backfill", "handler", "matched")
+        )
         events = [
             StoredEvent(
                 row[id_], TableKey(row[schema], row[table]), row[op], row[old], row[new], row[created_at],
@@ -205,6 +265,10 @@ class Store:
                 () if done is None else tuple(row[done] or ()),
                 0 if size is None else row[size],
                 None if txid is None else row[txid],
+                None if context is None else row[context],
+                False if backfill is None else bool(row[backfill]),
+                None if handler is None else row[handler],
+                None if matched is None else row[matched],
             )
             for row in rows if row[id_] is not None
         ]
@@ -362,6 +426,22 @@ class Store:
         oldest = row["oldest_pending"]
         return Backlog(row["pending"], (row["now"] - oldest) if oldest is not None else None, row["failed"])
 
+    def pending_by_table(self) -> list[PendingEvents]:
+        """Pending events by table and operation, largest first; empty when the schema is not installed."""
+        if not self.schema_exists():
+            return []
+        return [
+            PendingEvents(
+                table=f"{row['table_schema']}.{row['table_name']}", op=row["op"],
+                pending=row["pending"], oldest_pending_age=row["oldest_pending_age"],
+            )
+            for row in self._rows("pending_by_table")
+        ]
+
+    def database_now(self) -> datetime.datetime:
+        now: datetime.datetime = self._rows("database_now")[0]["now"]
+        return now
+
     def failed_events(self, limit: int) -> list[FailedEvent]:
         if not self.schema_exists():
             return []
@@ -383,6 +463,25 @@ class Store:
         if count:
             self.notify(RESCAN)  # the retried events lie behind the listeners' cursors
         return count
+
+    def discard_failed(self, event_ids: Sequence[int]) -> int:
+        """Delete failed events for good; return how many there were."""
+        if not self.schema_exists():
+            return 0
+        return self._run("discard_failed", (list(event_ids),))
+
+    def live_listeners(self) -> list[ListenerSession]:
+        """The registered listeners whose database session is alive, oldest first."""
+        if not self.schema_exists():
+            return []
+        return [
+            ListenerSession(
+                pid=row["pid"], idle=row["idle"], since=row["since"],
+                application_name=row["application_name"] or "", client_addr=row["client_addr"],
+                connected_for=row["now"] - row["backend_start"] if row["backend_start"] is not None else None,
+            )
+            for row in self._rows("live_listeners")
+        ]
 
     def schema_objects(self) -> SchemaObjects:
         """The event schema's tables, the event table's columns, and its functions."""
@@ -417,6 +516,73 @@ class Store:
     def table_columns(self, table: TableKey) -> set[str]:
         """The columns of ``table``; empty if there is no such table."""
         return {row["name"] for row in self._rows("table_columns", (table.schema, table.name))}
+
+    # Backfill -----------------------------------------------------------------------
+
+    def primary_key(self, table: TableKey) -> list[str]:
+        """The primary key's columns of ``table``, in key order; empty without one."""
+        return [row["name"] for row in self._rows("primary_key", (qualified_name(table),))]
+
+    def row_estimate(self, table: TableKey, condition: Optional[str]) -> int:
+        """How many rows a backfill will read: the planner's count, or a count(*)
+        of the rows ``condition`` selects when the table was never analyzed."""
+        estimate = self._rows("row_estimate", (qualified_name(table),))[0]["estimate"]
+        if estimate is not None:
+            return int(estimate)
+        sql = render("count_rows", table=qualified_name(table), condition=_verbatim(condition))
+        return int(self.conn.execute(sql, {}).fetchone()[0])  # parameters: "%%" reads "%"
+
+    def start_backfill(self, table: TableKey, handler: Optional[str], condition: Optional[str]) -> BackfillRun:
+        """Resume the unfinished run of the same backfill, or start one."""
+        params = {
+            "table_schema": table.schema, "table_name": table.name, "handler": handler, "condition": condition,
+        }
+        rows = self._rows("start_backfill", params) or self._rows("start_backfill", params)
+        row = rows[0]
+        return BackfillRun(int(row["id"]), int(row["emitted"]), bool(row["resumed"]))
+
+    def backfill_batch(
+        self, run: int, table: TableKey, keys: Sequence[str], condition: Optional[str],
+        handler: Optional[str], limit: int,
+    ) -> BackfillBatch:
+        """Emit the next ``limit`` rows after the run's last key; call inside :meth:`begin`.
+
+        The run's row is locked first, so a second process running the same
+        backfill waits and then goes on from the key this batch stores.
+
+        :param condition: the user's SQL, put in the statement verbatim.
+        """
+        locked = self._rows("lock_backfill", (run,))
+        if not locked or locked[0]["finished"]:
+            return BackfillBatch(0, 0, True)
+        quoted = [quote_ident(key) for key in keys]
+        after = "TRUE"
+        if locked[0]["last_key"] is not None:
+            last = f"pg_catalog.jsonb_populate_record(NULL::{qualified_name(table)}, %(after)s::jsonb)"
+            after = render(
+                "backfill_after",
+                keys=", ".join(f"x.{key}" for key in quoted),
+                last_keys=", ".join(f"({last}).{key}" for key in quoted),
+            )
+        sql = render(
+            "backfill_batch",
+            schema=quote_ident(self.schema),
+            table=qualified_name(table),
+            after=after,
+            condition=_verbatim(condition),
+            order=", ".join(f"x.{key}" for key in quoted),
+            batch_order=", ".join(f"b.{key}" for key in quoted),
+            batch_order_desc=", ".join(f"b.{key} DESC" for key in quoted),
+            key_pairs=", ".join(f"{quote_literal(key)}, b.{quoted_key}" for key, quoted_key in zip(keys, quoted)),
+        )
+        cursor = self.conn.execute(sql, {
+            "after": locked[0]["last_key"], "limit": limit, "table_schema": table.schema,
+            "table_name": table.name, "handler": handler, "run": run,
+        })
+        row = cursor.fetchone()
+        if row[2]:
+            self.notify()  # a listener that sleeps claims the batch at once
+        return BackfillBatch(int(row[2]), int(row[0]), bool(row[1]))
 
     def capture_role_state(self, role: str) -> CaptureRoleState:
         row = self._rows("capture_role_state", {"role": role})[0]

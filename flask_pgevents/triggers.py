@@ -8,28 +8,38 @@ returns are run by the store, in one transaction.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Callable, Optional, Sequence
 
 from .config import trigger_name
 from .errors import MissingTableError, TriggerOwnershipError, UnknownColumnError, UnknownRoleError
-from .registry import TRIGGER_KINDS, TableKey, TriggerKey, TriggerSet, is_broadcast, op_of, trigger_order
+from .filters import ROW_ALIASES, filter_id
+from .registry import TRIGGER_KINDS, TableKey, TriggerKey, TriggerSet, TriggerSpec, is_broadcast, op_of, trigger_order
 from .sql import dollar_tag, quote_ident, quote_literal, render
 from .store import CaptureRoleState, SchemaObjects, TriggerRow
 
-#: Transition tables each op's trigger declares.
+#: Transition tables each op's trigger declares (TRUNCATE has none).
 TRANSITION_TABLES = {
-    "insert": "NEW TABLE AS pgevents_new",
-    "update": "OLD TABLE AS pgevents_old NEW TABLE AS pgevents_new",
-    "delete": "OLD TABLE AS pgevents_old",
+    "insert": "\nREFERENCING NEW TABLE AS pgevents_new",
+    "update": "\nREFERENCING OLD TABLE AS pgevents_old NEW TABLE AS pgevents_new",
+    "delete": "\nREFERENCING OLD TABLE AS pgevents_old",
+    "truncate": "",
 }
 
 
 #: The tables install creates in the event schema.
-SCHEMA_TABLES = frozenset({"event", "broadcast", "listener"})
+SCHEMA_TABLES = frozenset({"event", "broadcast", "listener", "backfill"})
 
 #: Columns added to the event table after its first release, with the block
 #: that adds each to an installed table.
-EVENT_TABLE_UPGRADES = {"retried_attempts": "add_retried_attempts"}
+EVENT_TABLE_UPGRADES = {
+    "retried_attempts": "add_retried_attempts",
+    "txid": "add_txid",
+    "context": "add_context",
+    "backfill": "add_backfill",
+    "matched": "add_matched",
+}
 
 #: How a trigger's comment names the app whose handlers need it.
 APP_COMMENT_PREFIX = "flask-pgevents app: "
@@ -42,27 +52,125 @@ CHANGES = ("create", "replace", "drop")
 #: function skip that transaction's writes (see :mod:`flask_pgevents.suppression`).
 SUPPRESS_SETTING = "pgevents.suppress"
 
+#: The setting whose value, JSON text set in a writer's transaction, every
+#: event of that transaction carries as ``event.context`` (see
+#: :mod:`flask_pgevents.context`).
+CONTEXT_SETTING = "pgevents.context"
 
-def function_name(kind: str) -> str:
-    return f"capture_{kind}"
+
+#: The first line of a filtered trigger's own function: what it captures, as
+#: JSON, so that status and migrations can read it back from ``prosrc``.
+FILTERS_MARKER = "-- pgevents filters: "
+
+#: Between a kind and the table's hash in a filtered trigger's function name.
+FILTERED_FUNCTION_SEPARATOR = "__"
 
 
-def function_body(schema: str, kind: str) -> str:
-    """The exact source PostgreSQL stores for a capture function (``prosrc``)."""
+def function_name(kind: str, table: Optional[TableKey] = None) -> str:
+    """``capture_<kind>``, shared by every table; with ``table``, the function
+    of that table's filtered trigger, ``capture_<kind>__<hash of the table>``.
+
+    Filters are compiled into the function, not passed as arguments: a
+    condition passed as a trigger argument would run with ``EXECUTE``,
+    planned again by every write, where a function's statements keep their
+    plan for the session. The name hashes the table so that it stays
+    within PostgreSQL's 63 bytes and one table's filters never replace
+    another's.
+    """
+    if table is None:
+        return f"capture_{kind}"
+    digest = hashlib.sha256(qualified(table).encode()).hexdigest()[:12]
+    return f"capture_{kind}{FILTERED_FUNCTION_SEPARATOR}{digest}"
+
+
+def filter_fragments(spec: Optional[TriggerSpec], op: str, table: Optional[TableKey]) -> dict[str, str]:
+    """The parts of a capture body that test the handlers' filters.
+
+    Each event stores the ids of the filters its row matched, separated by
+    spaces (``concat_ws`` skips the NULL of a filter that did not match): a
+    few bytes per row, and NULL for triggers without filters. Unless some
+    handler has no filter, rows that match none are not stored. A filter
+    that is NULL for a row (``status = 'paid'`` with a NULL status) does not
+    match, as in a ``WHERE``.
+    """
+    if spec is None or not spec.filtered or table is None:
+        return {"matched": "NULL", "where": "", "row": "", "rows": ""}
+    conditions = sorted(spec.filters)
+    matched = "pg_catalog.concat_ws(' ', " + ", ".join(
+        f"CASE WHEN ({condition}) THEN {quote_literal(filter_id(condition))} END" for condition in conditions
+    ) + ")"
+    any_match = " OR ".join(f"({condition})" for condition in conditions)
+    if op != "update":
+        return {"matched": matched, "where": "" if spec.every_row else f"\n        WHERE {any_match}",
+                "row": "", "rows": ""}
+    aliases = ROW_ALIASES["update"]
+    return {
+        "matched": matched,
+        "where": "" if spec.every_row else f"\n      AND ({any_match})",
+        # The transition rows as the table's row type, then spread into
+        # aliases that hold the user's columns only (no rn, no j).
+        "row": f", (x.*)::{qualified(table)} AS r",
+        "rows": f"\n    CROSS JOIN LATERAL (SELECT (o.r).*) AS {aliases['old']}"
+                f"\n    CROSS JOIN LATERAL (SELECT (n.r).*) AS {aliases['new']}",
+    }
+
+
+def filters_marker(spec: TriggerSpec) -> str:
+    """The first line of a filtered trigger's function: its filters as JSON."""
+    return FILTERS_MARKER + json.dumps({"filters": sorted(spec.filters), "every_row": spec.every_row})
+
+
+def read_filters_marker(source: str) -> Optional[tuple[frozenset[str], bool]]:
+    """The filters and ``every_row`` a filtered function's source records; ``None`` if it has none."""
+    first = source.lstrip("\n").split("\n", 1)[0]
+    if not first.startswith(FILTERS_MARKER):
+        return None
+    try:
+        recorded = json.loads(first[len(FILTERS_MARKER):])
+        filters = frozenset(str(condition) for condition in recorded["filters"])
+        return filters, bool(recorded["every_row"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def function_body(
+    schema: str, kind: str, spec: Optional[TriggerSpec] = None, table: Optional[TableKey] = None
+) -> str:
+    """The exact source PostgreSQL stores for a capture function (``prosrc``).
+
+    :param spec: with filters, and ``table``, the body of that table's own
+        function (see :func:`function_name`); otherwise the shared one.
+    """
     quoted, op = quote_ident(schema), op_of(kind)
+    filtered = spec is not None and spec.filtered and table is not None
+    marker = "\n" + filters_marker(spec) if filtered and spec is not None else ""
     fragments = {
         "schema": quoted,
         "target": '"broadcast"' if is_broadcast(kind) else '"event"',
         "suppress": "\n" + render("capture_suppress", setting=quote_literal(SUPPRESS_SETTING)),
+        "context": render("capture_context", setting=quote_literal(CONTEXT_SETTING)),
         "guard": "\n" + render("broadcast_guard", schema=quoted) if is_broadcast(kind) else "",
         "wake": render("capture_wake", schema=quoted, channel=quote_literal(schema)),
     }
+    if op == "truncate":
+        return "\n" + render("capture_truncate", **fragments) + "\n"
+    filters = filter_fragments(spec, op, table)
     if op == "update":
-        return "\n" + render("capture_update", **fragments) + "\n"
+        return marker + "\n" + render("capture_update", **fragments, **filters) + "\n"
     side = "new" if op == "insert" else "old"
-    return "\n" + render(
-        "capture_rows", column=side, op=quote_literal(op), rows=f"pgevents_{side}", **fragments
+    filters.pop("row"), filters.pop("rows")
+    return marker + "\n" + render(
+        "capture_rows", column=side, op=quote_literal(op), rows=f"pgevents_{side}", **fragments, **filters
     ) + "\n"
+
+
+def describe_filters(spec: TriggerSpec) -> str:
+    """``"filters: 1a2b3c4d, 5e6f7a8b"`` (the ids events carry), and whether
+    rows that match none are captured too; empty without filters."""
+    if not spec.filtered:
+        return ""
+    ids = ", ".join(sorted(filter_id(condition) for condition in spec.filters))
+    return f"filters: {ids}{' (and every row)' if spec.every_row else ''}"
 
 
 def qualified(table: TableKey) -> str:
@@ -96,6 +204,16 @@ class InstalledTrigger:
     enabled: bool
     #: The app that installed it, or ``None`` for triggers of releases before 0.2.
     app: Optional[str] = None
+    #: The filters its own function tests (empty: the shared function).
+    filters: frozenset[str] = frozenset()
+    every_row: bool = True
+    #: Its function, when it is the trigger's own (filtered) one: dropped with it.
+    own_function: Optional[str] = None
+
+    @property
+    def spec(self) -> TriggerSpec:
+        """What it captures, to compare with what the handlers need."""
+        return TriggerSpec(self.columns, self.filters, self.every_row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +258,11 @@ class TriggerChange:
     :param columns: the update columns the trigger watches after the change
         (``None``: every column); for ``"drop"``, those it watched.
     :param existing_columns: for ``"alter"``, those it watched before.
+    :param filters: the compiled ``where=`` conditions it tests after the
+        change; for ``"drop"``, those it tested.
+    :param every_row: it captures every row (some handler has no filter).
+    :param existing_filters: for ``"alter"``, the filters it tested before.
+    :param existing_every_row: for ``"alter"``, ``every_row`` before.
     """
 
     action: str
@@ -147,6 +270,10 @@ class TriggerChange:
     kind: str
     columns: Optional[frozenset[str]] = None
     existing_columns: Optional[frozenset[str]] = None
+    filters: frozenset[str] = frozenset()
+    every_row: bool = True
+    existing_filters: frozenset[str] = frozenset()
+    existing_every_row: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +361,8 @@ class TriggerManager:
                 schema=schema,
                 event_id_sequence=quote_literal(f'{schema}."event_id_seq"'),
             ))
-        elif set(EVENT_TABLE_UPGRADES) - objects.event_columns:
+        if objects is not None and "event" in objects.tables:
+            # After create_schema, which made the tables an old release lacked.
             statements += [
                 render(block, schema=schema)
                 for column, block in EVENT_TABLE_UPGRADES.items() if column not in objects.event_columns
@@ -247,20 +375,42 @@ class TriggerManager:
         if owner.role:
             statements.append(render("grant_capture_role", schema=schema, role=role))
         for kind in TRIGGER_KINDS:
-            function = function_name(kind)
-            statements.append(
-                render("capture_function_header", schema=schema, function=function)
-                + function_body(self.schema, kind)
-                + "$pgevents$;"
-            )
-            statements.append(render("revoke_function", schema=schema, function=function))
-            if owner.role:
-                statements.append(render("own_function", schema=schema, function=function, role=role))
+            statements += self.function_sql(function_name(kind), function_body(self.schema, kind), owner)
         if owner.role:
             statements.append(render("end_capture_grants", schema=schema, role=role))
         return statements
 
-    def trigger_sql(self, table: TableKey, kind: str, columns: Optional[frozenset[str]]) -> str:
+    def function_sql(self, function: str, body: str, owner: CaptureOwner) -> list[str]:
+        """Create or replace a capture function, callable by its owner only."""
+        schema = quote_ident(self.schema)
+        statements = [
+            render("capture_function_header", schema=schema, function=function) + body + "$pgevents$;",
+            render("revoke_function", schema=schema, function=function),
+        ]
+        if owner.role:
+            role = quote_ident(owner.role)
+            statements.append(render("own_function", schema=schema, function=function, role=role))
+        return statements
+
+    def trigger_sql(
+        self, table: TableKey, kind: str, spec: TriggerSpec, owner: CaptureOwner = CaptureOwner(None)
+    ) -> str:
+        """Create or replace one trigger; with filters, its own function first,
+        given to ``owner`` as the shared ones are (see :meth:`schema_sql`)."""
+        if not spec.filtered:
+            return self._create_trigger_sql(table, kind, spec.columns, function_name(kind))
+        function = function_name(kind, table)
+        statements = self.function_sql(function, function_body(self.schema, kind, spec, table), owner)
+        if owner.role:
+            names = {"schema": quote_ident(self.schema), "role": quote_ident(owner.role)}
+            # The capture role may take a function only while it may create in the schema.
+            statements = [render("grant_capture_create", **names), *statements, render("end_capture_grants", **names)]
+        statements.append(self._create_trigger_sql(table, kind, spec.columns, function))
+        return "\n".join(statements)
+
+    def _create_trigger_sql(
+        self, table: TableKey, kind: str, columns: Optional[frozenset[str]], function: str
+    ) -> str:
         return render(
             "create_trigger",
             trigger=quote_ident(trigger_name(self.schema, kind)),
@@ -268,15 +418,21 @@ class TriggerManager:
             operation=op_of(kind).upper(),
             transition_tables=TRANSITION_TABLES[op_of(kind)],
             schema=quote_ident(self.schema),
-            function=function_name(kind),
+            function=function,
             arguments=", ".join(quote_literal(c) for c in sorted(columns or ())),
             app=quote_literal(APP_COMMENT_PREFIX + self.app_name),
             tag=dollar_tag(qualified(table), self.app_name),
         )
 
     def drop_trigger_sql(self, trigger: InstalledTrigger) -> str:
-        """Drop an installed trigger by the name it has (which may not be the usual one)."""
-        return render("drop_trigger", trigger=quote_ident(trigger.name), table=qualified(trigger.table))
+        """Drop an installed trigger by the name it has (which may not be the usual
+        one), and its own function if it has one."""
+        statement = render("drop_trigger", trigger=quote_ident(trigger.name), table=qualified(trigger.table))
+        if trigger.own_function is None:
+            return statement
+        return statement + "\n" + render(
+            "drop_own_function", schema=quote_ident(self.schema), function=trigger.own_function
+        )
 
     def lock_sql(self) -> str:
         return render("lock_install", lock=quote_literal(f"pgevents install {self.schema}"))
@@ -337,19 +493,29 @@ class TriggerManager:
             if foreign:
                 assert trig is not None
                 raise self.ownership_error(trig)
-            columns = needed[key]
-            watched = f"columns: {', '.join(sorted(columns))}" if columns else ""
+            spec = needed[key]
+            columns = spec.columns
+            watched = "; ".join(part for part in (
+                f"columns: {', '.join(sorted(columns))}" if columns else "", describe_filters(spec)
+            ) if part)
             if trig is None:
                 steps.append(PlanStep("create", table, kind, watched))
-            elif trig.columns == columns and trig.enabled:
+            elif trig.spec == spec and trig.enabled and (trig.current or trig.own_function is None):
                 steps.append(PlanStep("keep", table, kind, watched))
                 continue
             else:
-                was = "disabled" if trig.columns == columns else (
-                    f"watched {', '.join(sorted(trig.columns))}" if trig.columns else "watched every column"
-                )
+                if trig.columns != columns:
+                    was = f"watched {', '.join(sorted(trig.columns))}" if trig.columns else "watched every column"
+                elif trig.spec != spec:
+                    was = describe_filters(trig.spec) or "not filtered"
+                else:
+                    was = "disabled" if not trig.enabled else "from another release"
                 steps.append(PlanStep("replace", table, kind, f"{watched or 'every column'}; was {was}"))
-            statements.append(self.trigger_sql(table, kind, columns))
+            statements.append(self.trigger_sql(table, kind, spec, owner))
+            if trig is not None and trig.own_function is not None and not spec.filtered:
+                statements[-1] += "\n" + render(
+                    "drop_own_function", schema=quote_ident(self.schema), function=trig.own_function
+                )
             tables.append(table)
         return InstallPlan(tuple(steps), tuple(statements), tuple(tables))
 
@@ -390,11 +556,20 @@ class TriggerManager:
             table, kind = key
             trig = by_key.get(key)
             if trig is None:
-                changes.append(TriggerChange("create", table, kind, needed[key]))
+                spec = needed[key]
+                changes.append(TriggerChange(
+                    "create", table, kind, spec.columns, filters=spec.filters, every_row=spec.every_row
+                ))
             elif key not in needed:
-                changes.append(TriggerChange("drop", table, kind, trig.columns))
-            elif trig.columns != needed[key] or not trig.enabled:
-                changes.append(TriggerChange("alter", table, kind, needed[key], trig.columns))
+                changes.append(TriggerChange(
+                    "drop", table, kind, trig.columns, filters=trig.filters, every_row=trig.every_row
+                ))
+            elif trig.spec != needed[key] or not trig.enabled:
+                spec = needed[key]
+                changes.append(TriggerChange(
+                    "alter", table, kind, spec.columns, trig.columns, spec.filters, spec.every_row,
+                    trig.filters, trig.every_row,
+                ))
         return changes
 
     def uninstall_plan(self, installed: Sequence[InstalledTrigger], *, drop_schema: bool = False) -> InstallPlan:
@@ -433,9 +608,9 @@ class TriggerManager:
                 " first (db.create_all() or a migration), or fix the handlers' targets."
                 " Nothing was installed."
             )
-        for (table, kind), watched in sorted(needed.items(), key=lambda item: trigger_order(item[0])):
+        for (table, kind), spec in sorted(needed.items(), key=lambda item: trigger_order(item[0])):
             existing = existing_by_table[table]
-            unknown = sorted((watched or frozenset()) - existing)
+            unknown = sorted((spec.columns or frozenset()) - existing)
             if unknown:
                 raise UnknownColumnError(
                     f"No column {', '.join(map(repr, unknown))} in table {str(table)!r},"
@@ -450,13 +625,26 @@ class TriggerManager:
         found = []
         for row in rows:
             kind = row.function[len("capture_"):] if row.function.startswith("capture_") else ""
+            kind, separator, _ = kind.partition(FILTERED_FUNCTION_SEPARATOR)
             if kind not in TRIGGER_KINDS:
                 continue
-            current = row.name == trigger_name(self.schema, kind) and row.source == function_body(self.schema, kind)
+            columns = frozenset(row.arguments) or None
+            filters, every_row, own_function = frozenset[str](), True, None
+            if separator:
+                own_function = row.function
+                recorded = read_filters_marker(row.source)
+                if recorded is not None:
+                    filters, every_row = recorded
+            spec = TriggerSpec(columns, filters, every_row)
+            current = row.name == trigger_name(self.schema, kind) and (
+                row.function == function_name(kind, row.table if separator else None)
+                and row.source == function_body(self.schema, kind, spec, row.table)
+            )
             comment = row.comment or ""
             found.append(InstalledTrigger(
-                row.table, kind, row.name, frozenset(row.arguments) or None, current, row.enabled,
+                row.table, kind, row.name, columns, current, row.enabled,
                 comment[len(APP_COMMENT_PREFIX):] if comment.startswith(APP_COMMENT_PREFIX) else None,
+                filters, every_row, own_function,
             ))
         return found
 
@@ -470,7 +658,7 @@ class TriggerManager:
                 state = "unneeded"
             elif trig is None:
                 state = "missing"
-            elif not trig.current or trig.columns != needed[key] or not trig.enabled:
+            elif not trig.current or trig.spec != needed[key] or not trig.enabled:
                 state = "outdated"
             else:
                 state = "installed"

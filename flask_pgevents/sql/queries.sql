@@ -8,6 +8,26 @@
 -- (CVE-2018-1058). Every object of the project is schema-qualified too.
 SET search_path = pg_catalog, pg_temp
 
+-- name: handler_savepoint
+-- Handlers' db.session work runs in the claim's transaction (flask_pgevents.atomic):
+-- each handler under its own savepoint, taken before its first statement.
+SAVEPOINT pgevents_handler
+
+-- name: rollback_to_handler_savepoint
+ROLLBACK TO SAVEPOINT pgevents_handler
+
+-- name: release_handler_savepoint
+RELEASE SAVEPOINT pgevents_handler
+
+-- name: default_search_path_local
+-- Handlers' queries name the app's tables as the app does: with the role's
+-- own search_path, until the claim's transaction settles.
+SET LOCAL search_path TO DEFAULT
+
+-- name: safe_search_path_local
+-- Before the claim settles its events: back to the safe path.
+SET LOCAL search_path = pg_catalog, pg_temp
+
 -- name: current_search_path
 -- On a connection flask-pgevents borrows (an Alembic migration's), its own
 -- search_path is set for the length of its statements only, then restored.
@@ -167,6 +187,7 @@ FROM {schema}."event"
 -- compression can make smaller than their text.
 WITH claimed AS (
     SELECT id, table_schema, table_name, op, old, new, created_at, attempt, done_handlers,
+           txid, context, backfill, handler, matched,
            coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0) AS size
     FROM {schema}."event"
     WHERE status = 'pending' AND id > %s AND (run_after IS NULL OR run_after <= now())
@@ -181,7 +202,8 @@ WITH claimed AS (
 SELECT s.in_flight, s.newest_in_flight,
        pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint AS xmin,
        m.id, m.table_schema, m.table_name, m.op, m.old::text AS old, m.new::text AS new, m.created_at,
-       m.attempt, m.done_handlers, m.size
+       m.attempt, m.done_handlers, m.size,
+       m.txid::text AS txid, m.context, m.backfill, m.handler, m.matched
 FROM (
     SELECT count(x) AS in_flight, max(x::text::bigint) AS newest_in_flight
     FROM pg_catalog.pg_snapshot_xip(pg_catalog.pg_current_snapshot()) AS x
@@ -224,6 +246,20 @@ SET status = 'pending', retried_attempts = retried_attempts + attempt, attempt =
     run_after = NULL, handled_at = NULL
 WHERE status = 'failed' AND (%s OR id = ANY(%s))
 
+-- name: discard_failed
+-- Deletes failed events for good (the dashboard's discard); never a pending one.
+DELETE FROM {schema}."event" WHERE status = 'failed' AND id = ANY(%s)
+
+-- name: live_listeners
+-- The registered listeners whose session is still alive, with what the
+-- server knows of them. A role without pg_read_all_stats sees no client
+-- address for other roles' sessions.
+SELECT l.pid, l.idle, l.since, a.application_name, a.client_addr::text AS client_addr,
+       a.backend_start, now() AS now
+FROM {schema}."listener" AS l
+JOIN pg_catalog.pg_stat_activity AS a ON a.pid = l.pid
+ORDER BY a.backend_start, l.pid
+
 -- name: register_listener
 -- Listener registration and the idle flag writers read.
 DELETE FROM {schema}."listener"
@@ -244,11 +280,12 @@ DELETE FROM {schema}."listener" WHERE pid = pg_catalog.pg_backend_pid()
 SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text AS txid
 
 -- name: read_broadcast
-SELECT txid::text AS txid, id, table_schema, table_name, op, old::text AS old, new::text AS new, created_at
+SELECT txid::text AS txid, id, table_schema, table_name, op, old::text AS old, new::text AS new, created_at,
+       context
 FROM (
     SELECT b.*, sum(b.size) OVER (ORDER BY txid, id) - b.size AS bytes_before
     FROM (
-        SELECT txid, id, table_schema, table_name, op, old, new, created_at,
+        SELECT txid, id, table_schema, table_name, op, old, new, created_at, context,
                coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0) AS size
         FROM {schema}."broadcast"
         WHERE (txid, id) > (%s::xid8, %s)
@@ -268,3 +305,106 @@ DELETE FROM {schema}."broadcast" WHERE created_at < now() - %s * interval '1 sec
 -- table would grow by a minute of deleted rows between its visits, so the
 -- listener vacuums it itself (skipped with a warning if its role may not).
 VACUUM (SKIP_LOCKED) {schema}."event"
+
+-- name: pending_by_table
+-- Pending events by table and operation, for stats() and 'status --json':
+-- the partial pending index holds only pending rows. An admin query; on a
+-- backlog of a million events it reads them all once.
+SELECT table_schema, table_name, op, count(*) AS pending,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_pending_age
+FROM {schema}."event"
+WHERE status = 'pending'
+GROUP BY table_schema, table_name, op
+ORDER BY count(*) DESC, table_schema, table_name, op
+
+-- name: database_now
+SELECT now() AS now
+
+-- name: primary_key
+-- Backfill: the primary key's columns of a table, in key order; none without one.
+SELECT a.attname AS name
+FROM pg_catalog.pg_index AS i
+JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+WHERE i.indrelid = pg_catalog.to_regclass(%s) AND i.indisprimary
+ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)
+
+-- name: row_estimate
+-- The planner's row count of a table: the backfill's progress bar. NULL for
+-- a table never analyzed (then the backfill counts its rows).
+SELECT CASE WHEN c.reltuples > 0 THEN c.reltuples::bigint END AS estimate
+FROM pg_catalog.pg_class AS c WHERE c.oid = pg_catalog.to_regclass(%s)
+
+-- name: count_rows
+SELECT count(*) AS count FROM {table} AS x WHERE ({condition})
+
+-- name: start_backfill
+-- The unfinished run of the same backfill (table, handler, condition) is
+-- resumed; otherwise a run starts. The unique index on unfinished runs makes
+-- two processes that start the same backfill at once share one run.
+WITH started AS (
+    INSERT INTO {schema}."backfill" (table_schema, table_name, handler, condition)
+    VALUES (%(table_schema)s, %(table_name)s, %(handler)s, %(condition)s)
+    ON CONFLICT DO NOTHING
+    RETURNING id, emitted, false AS resumed
+)
+SELECT id, emitted, resumed FROM started
+UNION ALL
+SELECT id, emitted, true FROM {schema}."backfill"
+WHERE table_schema = %(table_schema)s AND table_name = %(table_name)s
+  AND coalesce(handler, '') = coalesce(%(handler)s, '')
+  AND coalesce(condition, '') = coalesce(%(condition)s, '')
+  AND finished_at IS NULL
+
+-- name: lock_backfill
+-- The first statement of each batch's transaction: a second process running
+-- the same backfill waits here, then reads the key the first one stored, so
+-- that no row is emitted twice. Pins the output settings the capture
+-- functions pin, so that rows read the same as captured ones.
+SELECT last_key::text AS last_key, finished_at IS NOT NULL AS finished,
+       pg_catalog.set_config('IntervalStyle', 'postgres', true) AS interval_style,
+       pg_catalog.set_config('bytea_output', 'hex', true) AS bytea_output,
+       pg_catalog.set_config('extra_float_digits', '1', true) AS extra_float_digits
+FROM {schema}."backfill" WHERE id = %s
+FOR UPDATE
+
+-- name: backfill_after
+-- The keyset condition of every batch but the first: rows whose key comes
+-- after the last one emitted. The stored key is read back as the table's row
+-- type, so that each value has its column's type, and the row comparison
+-- walks the primary key's index.
+({keys}) > ({last_keys})
+
+-- name: backfill_batch
+-- One batch: the next rows in key order become 'insert' events marked as
+-- backfill, and the run records the last key, in the same transaction.
+-- {condition} is the user's --where, verbatim (TRUE without one).
+WITH batch AS MATERIALIZED (
+    SELECT x.* FROM {table} AS x
+    WHERE {after} AND ({condition})
+    ORDER BY {order}
+    LIMIT %(limit)s
+), inserted AS (
+    INSERT INTO {schema}."event" (table_schema, table_name, op, new, backfill, handler)
+    SELECT %(table_schema)s, %(table_name)s, 'insert', to_json(b.*), true, %(handler)s
+    FROM batch AS b
+    ORDER BY {batch_order}
+    RETURNING 1
+), counted AS (
+    SELECT (SELECT count(*) FROM inserted) AS inserted, (SELECT count(*) FROM batch) AS read
+)
+UPDATE {schema}."backfill" AS r
+SET emitted = r.emitted + c.inserted,
+    last_key = coalesce(
+        (SELECT pg_catalog.jsonb_build_object({key_pairs}) FROM batch AS b ORDER BY {batch_order_desc} LIMIT 1),
+        r.last_key
+    ),
+    updated_at = now(),
+    finished_at = CASE WHEN c.read < %(limit)s THEN now() END
+FROM counted AS c
+WHERE r.id = %(run)s
+RETURNING r.emitted, r.finished_at IS NOT NULL AS finished, c.inserted AS batch
+
+-- name: set_context
+-- The writer's context for the rest of the transaction (pgevents.context()
+-- and the Flask request, through SQLAlchemy: the value is a bound parameter).
+SELECT pg_catalog.set_config({setting}, :value, true)

@@ -21,7 +21,18 @@ CREATE TABLE IF NOT EXISTS {schema}."event" (
     run_after timestamptz,
     done_handlers text[],  -- NULL until a handler of a failed attempt succeeded: no bytes per row
     errors jsonb,
-    handled_at timestamptz
+    handled_at timestamptz,
+    -- The writing transaction: events of one transaction share it, in id order.
+    txid xid8 DEFAULT pg_current_xact_id(),
+    -- The writer's pgevents.context setting, as it was set: NULL without one.
+    context text,
+    -- Backfill events (flask pgevents backfill): true, and the one handler
+    -- they are for, if any. NULL for captured changes: no bytes per row.
+    backfill boolean,
+    handler text,
+    -- The ids of the where= filters the row matched, space-separated; NULL
+    -- when the trigger has no filters.
+    matched text
 );
 -- The one index: every hot query reads pending events by id. Handled events
 -- are deleted (or kept for PGEVENTS_RETENTION) and never slow the claim.
@@ -36,7 +47,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {schema}."broadcast" (
     op text NOT NULL,
     old json,
     new json,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    context text,
+    matched text
 );
 CREATE INDEX IF NOT EXISTS "broadcast_order" ON {schema}."broadcast" (txid, id);
 -- Listeners that sleep, waiting for a NOTIFY. Writers notify only when one
@@ -46,11 +59,46 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {schema}."listener" (
     idle boolean NOT NULL DEFAULT false,
     since timestamptz NOT NULL DEFAULT now()
 );
+-- The backfill runs (flask pgevents backfill): where each one is, so that an
+-- interrupted run resumes after the last key it emitted. last_key is the
+-- primary key of that row as a json object; only the admin role reads it.
+CREATE TABLE IF NOT EXISTS {schema}."backfill" (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    handler text,
+    condition text,
+    last_key jsonb,
+    emitted bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS "backfill_unfinished" ON {schema}."backfill"
+    (table_schema, table_name, coalesce(handler, ''), coalesce(condition, '')) WHERE finished_at IS NULL;
 
 -- name: add_retried_attempts
 -- Upgrades an event table of release 0.1: attempts keep counting across
 -- 'flask pgevents retry'. A constant default adds no bytes to existing rows.
 ALTER TABLE {schema}."event" ADD COLUMN IF NOT EXISTS retried_attempts integer NOT NULL DEFAULT 0;
+
+-- name: add_txid
+-- Upgrades an event table of an earlier release. The column is added without
+-- a default (no rewrite: earlier events keep NULL), then new rows get one.
+ALTER TABLE {schema}."event" ADD COLUMN IF NOT EXISTS txid xid8;
+ALTER TABLE {schema}."event" ALTER COLUMN txid SET DEFAULT pg_catalog.pg_current_xact_id();
+
+-- name: add_context
+ALTER TABLE {schema}."event" ADD COLUMN IF NOT EXISTS context text;
+ALTER TABLE {schema}."broadcast" ADD COLUMN IF NOT EXISTS context text;
+
+-- name: add_backfill
+ALTER TABLE {schema}."event" ADD COLUMN IF NOT EXISTS backfill boolean;
+ALTER TABLE {schema}."event" ADD COLUMN IF NOT EXISTS handler text;
+
+-- name: add_matched
+ALTER TABLE {schema}."event" ADD COLUMN IF NOT EXISTS matched text;
+ALTER TABLE {schema}."broadcast" ADD COLUMN IF NOT EXISTS matched text;
 
 -- name: capture_function_header
 -- Functions run as their owner (SECURITY DEFINER) so that a role which may
@@ -80,34 +128,62 @@ AS $pgevents$
 --
 -- This body serves inserts (new rows into "new") and deletes (old rows into
 -- "old"); updates pair both.
+--
+-- {matched} and {where} are the handlers' where= filters (see
+-- triggers.filter_fragments); without filters they are NULL and empty.
 #variable_conflict use_variable
+{context}
 BEGIN{suppress}{guard}
-    INSERT INTO {schema}.{target} (table_schema, table_name, op, {column})
-    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, {op}, r.j
-    FROM (SELECT to_json(x.*) AS j FROM {rows} AS x) AS r;
+    INSERT INTO {schema}.{target} (table_schema, table_name, op, {column}, context, matched)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, {op}, r.j, pgevents_context, r.m
+    FROM (SELECT to_json(x.*) AS j, {matched} AS m FROM {rows} AS x{where}) AS r;
 {wake}
 END
 
 -- name: capture_update
 -- Transition tables hold old and new rows in the same order, so pairing
 -- them by position works for every key, composite keys and no key at all.
+-- With filters, {row} keeps each row whole and {rows} spreads the pair into
+-- old_row and new_row, whose columns the filters read.
 #variable_conflict use_variable
+{context}
 BEGIN{suppress}{guard}
-    INSERT INTO {schema}.{target} (table_schema, table_name, op, old, new)
-    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', o.j, n.j
-    FROM (SELECT row_number() OVER () AS rn, to_json(x.*) AS j FROM pgevents_old AS x) AS o
-    JOIN (SELECT row_number() OVER () AS rn, to_json(x.*) AS j FROM pgevents_new AS x) AS n
-        USING (rn)
+    INSERT INTO {schema}.{target} (table_schema, table_name, op, old, new, context, matched)
+    SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'update', o.j, n.j, pgevents_context, {matched}
+    FROM (SELECT row_number() OVER () AS rn, to_json(x.*) AS j{row} FROM pgevents_old AS x) AS o
+    JOIN (SELECT row_number() OVER () AS rn, to_json(x.*) AS j{row} FROM pgevents_new AS x) AS n
+        USING (rn){rows}
     WHERE CASE
         WHEN TG_NARGS = 0 THEN o.j::text <> n.j::text
         ELSE EXISTS (
             SELECT FROM unnest(TG_ARGV) AS c(name)
             WHERE (o.j -> c.name)::text IS DISTINCT FROM (n.j -> c.name)::text
         )
-    END
+    END{where}
     ORDER BY rn;
 {wake}
 END
+
+-- name: capture_truncate
+-- TRUNCATE has no rows (and no transition tables): one event per table.
+#variable_conflict use_variable
+{context}
+BEGIN{suppress}{guard}
+    INSERT INTO {schema}.{target} (table_schema, table_name, op, context)
+    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'truncate', pgevents_context);
+{wake}
+END
+
+-- name: capture_context
+-- The writer's context (SET LOCAL pgevents.context = '{"actor": "cron"}';
+-- pgevents.context() and the Flask request set it through the session), read
+-- once per statement and stored as the text it was set to: a malformed value
+-- never makes the write fail, the listener decodes it. Unset, or reset at the
+-- end of a transaction (''), it stores NULL: writes without a context pay one
+-- lookup per statement and no byte per row. The transaction's id needs no
+-- code here: it is the event table's column default.
+DECLARE
+    pgevents_context text := NULLIF(pg_catalog.current_setting({setting}, true), '');
 
 -- name: capture_wake
 -- The end of every capture body: wake a sleeping listener, if there is one.
@@ -162,14 +238,22 @@ GRANT {role} TO CURRENT_USER;
 
 -- name: grant_capture_role
 GRANT USAGE ON SCHEMA {schema} TO {role};
-GRANT INSERT (table_schema, table_name, op, old, new) ON {schema}."event" TO {role};
-GRANT INSERT (table_schema, table_name, op, old, new) ON {schema}."broadcast" TO {role};
+GRANT INSERT (table_schema, table_name, op, old, new, context, matched) ON {schema}."event" TO {role};
+GRANT INSERT (table_schema, table_name, op, old, new, context, matched) ON {schema}."broadcast" TO {role};
 GRANT USAGE ON SEQUENCE {schema}."event_id_seq" TO {role};
 GRANT SELECT (idle) ON {schema}."listener" TO {role};
 GRANT CREATE ON SCHEMA {schema} TO {role};
 
 -- name: own_function
 ALTER FUNCTION {schema}.{function}() OWNER TO {role};
+
+-- name: grant_capture_create
+-- Before giving a filtered trigger's own function to the capture role.
+GRANT CREATE ON SCHEMA {schema} TO {role};
+
+-- name: drop_own_function
+-- A filtered trigger's own function, dropped after its trigger.
+DROP FUNCTION IF EXISTS {schema}.{function}();
 
 -- name: end_capture_grants
 -- CREATE was needed only to take ownership.
@@ -181,9 +265,10 @@ REVOKE CREATE ON SCHEMA {schema} FROM {role};
 -- comment; an installer with just the TRIGGER privilege leaves the trigger
 -- unnamed, which every app's install treats as its own. {tag} is a
 -- dollar-quote tag that neither the table's name nor the app's contains.
+-- {transition_tables} is the REFERENCING clause on a line of its own, or
+-- nothing (TRUNCATE has no rows).
 DROP TRIGGER IF EXISTS {trigger} ON {table};
-CREATE TRIGGER {trigger} AFTER {operation} ON {table}
-REFERENCING {transition_tables}
+CREATE TRIGGER {trigger} AFTER {operation} ON {table}{transition_tables}
 FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{function}({arguments});
 DO {tag}
 BEGIN
@@ -213,13 +298,14 @@ REVOKE ALL ON SCHEMA {schema} FROM {role};
 REVOKE ALL ON {schema}."event", {schema}."broadcast", {schema}."listener" FROM {role};
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT (id, table_schema, table_name, op, old, new, created_at, status, attempt,
-              run_after, done_handlers, handled_at) ON {schema}."event" TO {role};
+              run_after, done_handlers, handled_at, txid, context, backfill, handler, matched)
+    ON {schema}."event" TO {role};
 GRANT UPDATE (status, attempt, run_after, done_handlers, errors, handled_at) ON {schema}."event" TO {role};
 GRANT DELETE ON {schema}."event" TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}."listener" TO {role};
 
 -- name: listener_broadcast_grants
-GRANT SELECT (txid, id, table_schema, table_name, op, old, new, created_at), DELETE ON {schema}."broadcast" TO {role};
+GRANT SELECT (txid, id, table_schema, table_name, op, old, new, created_at, context), DELETE ON {schema}."broadcast" TO {role};
 
 -- name: listener_vacuum_grant
 -- PostgreSQL 17 lets a role that does not own a table vacuum it.

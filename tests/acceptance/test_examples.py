@@ -67,3 +67,20 @@ def test_quickstart_without_database_url_starts_an_embedded_server():
     assert_quickstart_output(result)
     # It runs as a table-owning role with CREATEROLE, as the README advises: no superuser warning.
     assert "superuser" not in result.stderr, result.stderr
+
+
+def test_the_audit_log_example_records_who_made_each_change(database_url):
+    result = run_example(ROOT / "examples" / "audit_log.py", database_url)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert [line.split(" {")[0] for line in result.stdout.splitlines() if line.startswith("audit:")] == [
+        "audit: insert by admin-7 (request r-1)",
+        "audit: update by nightly-job (request None)",
+        "audit: delete by dba (request None)",
+    ]
+
+
+def test_the_backfill_example_resumes_and_emits_each_row_once(database_url):
+    result = run_example(ROOT / "examples" / "backfill.py", database_url)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "backfill 1 resumed=True: 2501 rows emitted" in result.stdout
+    assert "handled: 2501 backfilled rows, 1 new insert" in result.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -412,3 +413,72 @@ def test_passwords_in_the_dsn_never_reach_the_logs(make_app, caplog):
     wait_until(lambda: caplog.text.count("Could not connect to the database") >= 2)
     pgevents.stop(timeout=5, app=app)
     assert "127.0.0.1" in caplog.text and "s3cret-pw" not in caplog.text
+
+
+# Exactly-once database effects (PGEVENTS_ATOMIC_HANDLERS) ---------------------------------
+
+
+def soak(listeners: Listeners, other_service: psycopg.Connection, libpq_url: str, total: int, **env: str) -> None:
+    """Write ``total`` items while listeners are killed with SIGKILL and respawned, and
+    one listener backend is terminated; wait until every event is settled."""
+    procs = [listeners.start(**env) for _ in range(3)]
+    wait_until(lambda: len(listener_backends(other_service)) == 3, timeout=20)
+    written = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(libpq_url, autocommit=True) as conn:
+            for start in range(0, total, 20):
+                conn.execute(
+                    "INSERT INTO item (id, name) SELECT g, 'w' FROM generate_series(%s::int, %s::int) AS g",
+                    (start, min(start + 19, total - 1)),
+                )
+                time.sleep(0.002)
+        written.set()
+
+    writer = threading.Thread(target=write, name="soak-writer")
+    writer.start()
+    kills = 0
+    terminated = False
+    chance = random.Random(14)
+    while not written.is_set() or kills < 6:
+        time.sleep(chance.uniform(0.3, 0.8))
+        victim = procs.pop(chance.randrange(len(procs)))
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        kills += 1
+        procs.append(listeners.start(**env))
+        if not terminated and kills == 3:
+            terminated = True
+            other_service.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'pgevents-listener' AND datname = current_database() LIMIT 1"
+            )
+    writer.join(60)
+    wait_until(
+        lambda: other_service.execute("SELECT count(*) FROM pgevents.event").fetchone()[0] == 0, timeout=60
+    )
+
+
+def test_handlers_session_writes_happen_exactly_once_through_kills_and_terminated_backends(
+    reliability_db, listeners, other_service, libpq_url
+):
+    total = 3_000
+    soak(listeners, other_service, libpq_url, total)
+    count, events, items = other_service.execute(
+        "SELECT count(*), count(DISTINCT event_id), count(DISTINCT item_id) FROM handled WHERE stage = 'done'"
+    ).fetchone()
+    assert (count, events, items) == (total, total, total)
+
+
+def test_a_handler_failing_half_the_time_leaves_no_partial_writes_and_is_retried(
+    reliability_db, listeners, other_service, libpq_url
+):
+    total = 1_000
+    soak(listeners, other_service, libpq_url, total, FAIL_HALF="1")
+    count, items, partial = other_service.execute(
+        "SELECT count(*) FILTER (WHERE stage = 'done'), count(DISTINCT item_id) FILTER (WHERE stage = 'done'),"
+        " count(*) FILTER (WHERE stage = 'partial') FROM handled"
+    ).fetchone()
+    assert (count, items, partial) == (total, total, 0)
+    retried = other_service.execute("SELECT count(*) FROM handled_attempt WHERE attempt > 1").fetchone()[0]
+    assert retried > 0

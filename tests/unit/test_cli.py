@@ -16,7 +16,9 @@ NOT_SET_UP = (
     "Error: flask-pgevents is not set up on this app. Call 'PGEvents(app)' or"
     " 'pgevents.init_app(app)' in your app factory.\n"
 )
-COMMANDS = ["failed", "grant-listener", "install-triggers", "listen", "retry", "status", "uninstall-triggers"]
+COMMANDS = [
+    "backfill", "failed", "grant-listener", "install-triggers", "listen", "retry", "status", "uninstall-triggers",
+]
 
 
 @pytest.fixture
@@ -113,7 +115,7 @@ def test_init_app_adds_the_group_to_flask(app):
     ]),
     ("status", "status [OPTIONS]", [
         "Show triggers per table and operation, the backlog and failed events.",
-        "Exits with status 1 when a needed trigger is missing or outdated.",
+        "--json  Print pgevents.stats() as JSON, with listeners and counters.",
     ]),
     ("failed", "failed [OPTIONS]", [
         "List events whose handlers failed on every attempt.",

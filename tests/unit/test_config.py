@@ -29,7 +29,10 @@ NUMBER_KEYS = {
     "PGEVENTS_STATEMENT_TIMEOUT": "statement_timeout",
 }
 INTEGER_KEYS = {"PGEVENTS_BATCH_SIZE", "PGEVENTS_BATCH_BYTES", "PGEVENTS_MAX_ATTEMPTS"}
-FLAG_KEYS = {"PGEVENTS_AUTOSTART": "autostart", "PGEVENTS_UNPICKLE": "unpickle", "PGEVENTS_ENABLED": "enabled"}
+FLAG_KEYS = {
+    "PGEVENTS_AUTOSTART": "autostart", "PGEVENTS_UNPICKLE": "unpickle", "PGEVENTS_ENABLED": "enabled",
+    "PGEVENTS_ATOMIC_HANDLERS": "atomic_handlers",
+}
 
 
 def config(**values: Any) -> Config:
@@ -60,8 +63,10 @@ def test_every_key_has_its_documented_default():
         "PGEVENTS_UNPICKLE": False,
         "PGEVENTS_APP_NAME": None,
         "PGEVENTS_LOCK_TIMEOUT": 2.0,
+        "PGEVENTS_REQUEST_CONTEXT": True,
         "PGEVENTS_CONNECT_TIMEOUT": 10.0,
         "PGEVENTS_STATEMENT_TIMEOUT": 60.0,
+        "PGEVENTS_ATOMIC_HANDLERS": True,
     }
 
 
@@ -216,7 +221,7 @@ def test_autostart_refuses_other_strings(text):
 
 def test_trigger_names_are_the_schema_then_the_kind():
     assert [trigger_name("pgevents", kind) for kind in TRIGGER_KINDS] == [
-        "pgevents_insert", "pgevents_update", "pgevents_delete",
+        "pgevents_insert", "pgevents_update", "pgevents_delete", "pgevents_truncate",
         "pgevents_broadcast_insert", "pgevents_broadcast_update", "pgevents_broadcast_delete",
     ]
 

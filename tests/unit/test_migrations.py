@@ -164,7 +164,7 @@ def test_an_unknown_event_is_refused():
     with raises(
         UnknownEventError,
         "Unknown event 'before_insert' in a pgevents migration operation. Use one of"
-        " 'after_insert', 'after_update', 'after_delete'.",
+        " 'after_insert', 'after_update', 'after_delete', 'after_truncate'.",
     ):
         CreateTriggerOp("user", "before_insert")
 

@@ -3,6 +3,7 @@ a handler is registered; the registry says which triggers the handlers need."""
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable
 
 import pytest
@@ -17,12 +18,13 @@ from flask_pgevents import (
     UnknownEventError,
     UnmappedTargetError,
 )
-from flask_pgevents.errors import InvalidHandlerError, UnknownHandlerError
+from flask_pgevents.errors import InvalidFilterError, InvalidHandlerError, UnknownHandlerError
 from flask_pgevents.registry import (
     MAX_IDENTIFIER_BYTES,
     TRIGGER_KINDS,
     Registry,
     TableKey,
+    TriggerSpec,
     handler_name,
     is_broadcast,
     op_of,
@@ -31,7 +33,7 @@ from flask_pgevents.registry import (
     trigger_order,
 )
 
-EXPECTED_EVENTS = "Expected one of 'after_insert', 'after_update', 'after_delete'."
+EXPECTED_EVENTS = "Expected one of 'after_insert', 'after_update', 'after_delete', 'after_truncate'."
 
 db = SQLAlchemy()
 
@@ -265,7 +267,7 @@ def test_event_names_become_ops_in_the_order_given_without_repeats():
 
 
 @pytest.mark.parametrize("identifier, message", [
-    ("after_truncate", f"No such event 'after_truncate' for 'audit.entry'. {EXPECTED_EVENTS}"),
+    ("after_upsert", f"No such event 'after_upsert' for 'audit.entry'. {EXPECTED_EVENTS}"),
     (["after_insert", 1], f"No such event 1 for 'audit.entry'. {EXPECTED_EVENTS}"),
     ((), f"No event given for 'audit.entry'. {EXPECTED_EVENTS}"),
     (42, f"No such event 42 for 'audit.entry'. {EXPECTED_EVENTS}"),
@@ -477,11 +479,11 @@ def test_needed_triggers_watch_the_union_of_the_update_handlers_columns():
     registry.add("public.other", "after_update", other_handler)  # any column
     registry.add("public.other", "after_update", make_handler(), columns=["b"], broadcast=True)
     assert registry.needed_triggers() == {
-        (USER, "update"): frozenset({"email", "name"}),
-        (USER, "insert"): None,
-        (USER, "delete"): None,
-        (TableKey("public", "other"), "update"): None,
-        (TableKey("public", "other"), "broadcast_update"): frozenset({"b"}),
+        (USER, "update"): TriggerSpec(frozenset({"email", "name"})),
+        (USER, "insert"): TriggerSpec(),
+        (USER, "delete"): TriggerSpec(),
+        (TableKey("public", "other"), "update"): TriggerSpec(),
+        (TableKey("public", "other"), "broadcast_update"): TriggerSpec(frozenset({"b"})),
     }
 
 
@@ -519,10 +521,12 @@ def test_model_for_finds_the_model_and_table_of_any_registration():
 
 def test_kinds_and_their_ops():
     assert TRIGGER_KINDS == (
-        "insert", "update", "delete", "broadcast_insert", "broadcast_update", "broadcast_delete",
+        "insert", "update", "delete", "truncate", "broadcast_insert", "broadcast_update", "broadcast_delete",
     )
-    assert [op_of(kind) for kind in TRIGGER_KINDS] == ["insert", "update", "delete"] * 2
-    assert [is_broadcast(kind) for kind in TRIGGER_KINDS] == [False] * 3 + [True] * 3
+    assert [op_of(kind) for kind in TRIGGER_KINDS] == [
+        "insert", "update", "delete", "truncate", "insert", "update", "delete",
+    ]
+    assert [is_broadcast(kind) for kind in TRIGGER_KINDS] == [False] * 4 + [True] * 3
 
 
 def test_trigger_order_sorts_by_table_then_kind():
@@ -541,4 +545,62 @@ def test_registering_a_handler_again_with_other_columns_replaces_them_and_it_run
     registry.add(User, "after_update", handler, columns=["name"])
     [sub] = registry.handlers_for(USER, "update")
     assert (sub.handler, sub.columns, sub.name) == (handler, frozenset({"name"}), f"{__name__}.handler")
-    assert registry.needed_triggers() == {(USER, "update"): frozenset({"name"})}
+    assert registry.needed_triggers() == {(USER, "update"): TriggerSpec(frozenset({"name"}))}
+
+
+# where= filters and TRUNCATE -------------------------------------------------------
+
+
+def test_where_is_compiled_per_op_with_literal_values_against_the_rows_aliases():
+    registry = Registry()
+    registry.add(User, ["after_insert", "after_update", "after_delete"], handler, where=User.email == "a'b@x")
+    registry.add(User, "after_update", other_handler, where=lambda old, new: old.email != new.email)
+    by_kind = {sub.kind: sub.filter for sub in registry.handlers_for(USER, "insert") + registry.handlers_for(
+        USER, "delete"
+    )}
+    assert by_kind == {"insert": "x.email = 'a''b@x'", "delete": "x.email = 'a''b@x'"}
+    [paid, changed] = registry.handlers_for(USER, "update")
+    assert (paid.filter, changed.filter) == ("new_row.email = 'a''b@x'", "old_row.email != new_row.email")
+    assert paid.filter_id is not None and len(paid.filter_id) == 8 and paid.filter_id != changed.filter_id
+    assert registry.needed_triggers()[(USER, "update")] == TriggerSpec(
+        None, frozenset({"new_row.email = 'a''b@x'", "old_row.email != new_row.email"}), every_row=False
+    )
+
+
+def test_a_handler_without_where_makes_its_trigger_capture_every_row():
+    registry = Registry()
+    registry.add(User, "after_insert", handler, where=User.email.like("%@x"))
+    registry.add(User, "after_insert", other_handler)
+    assert registry.needed_triggers() == {(USER, "insert"): TriggerSpec(None, frozenset({"x.email LIKE '%@x'"}))}
+
+
+@pytest.mark.parametrize("where, identifier, message", [
+    (User.id, "after_insert", "is not a condition"),
+    (sa.text("id = 1"), "after_insert", "Raw SQL (sa.text) is not accepted"),
+    (User.id.in_(sa.select(User.id)), "after_insert", "holds a subquery or another table"),
+    (User.email == sa.bindparam("email"), "after_insert", "has a parameter without a value ('email')"),
+    (User.email == "back\\slash", "after_insert", "holds a backslash"),
+    (lambda old, new: new.email == "x", "after_insert", "applies to 'after_update' only"),
+    (lambda old, new: new.nope == "x", "after_update", "The new row has no column 'nope'"),
+    (User.email == "x", "after_truncate", "has no rows for where= to test"),
+])
+def test_filters_the_capture_sql_cannot_run_are_refused_at_registration(where, identifier, message):
+    registry = Registry()
+    with pytest.raises(InvalidFilterError, match=re.escape(message)):
+        registry.add(User, identifier, handler, where=where)
+    assert registry.needed_triggers() == {}
+
+
+def test_where_needs_a_model_or_table_and_no_broadcast():
+    with pytest.raises(InvalidFilterError, match="is a table name"):
+        Registry().add("public.user", "after_insert", handler, where=User.email == "x")
+    with pytest.raises(InvalidFilterError, match="not supported on broadcast handlers"):
+        Registry().add(User, "after_insert", handler, where=User.email == "x", broadcast=True)
+
+
+def test_after_truncate_is_a_kind_of_its_own_and_never_broadcast():
+    registry = Registry()
+    registry.add(User, ["after_truncate", "after_insert"], handler)
+    assert sorted(registry.needed_triggers()) == [(USER, "insert"), (USER, "truncate")]
+    with pytest.raises(UnknownEventError, match="cannot be broadcast"):
+        registry.add(User, "after_truncate", handler, broadcast=True)

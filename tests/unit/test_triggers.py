@@ -6,6 +6,7 @@ store rows (CaptureRoleState, TriggerRow), built here by hand.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable, Optional
 
@@ -14,10 +15,11 @@ from conftest import raises
 
 from flask_pgevents import MissingTableError, UnknownColumnError, UnknownRoleError
 from flask_pgevents.errors import TriggerOwnershipError
-from flask_pgevents.registry import TRIGGER_KINDS, TableKey
+from flask_pgevents.registry import TRIGGER_KINDS, TableKey, TriggerSpec
 from flask_pgevents.sql import quote_ident, quote_literal, render
 from flask_pgevents.store import CaptureFunction, CaptureRoleState, SchemaObjects, TriggerRow
 from flask_pgevents.triggers import (
+    EVENT_TABLE_UPGRADES,
     SCHEMA_TABLES,
     SUPPRESS_SETTING,
     CaptureOwner,
@@ -30,6 +32,7 @@ from flask_pgevents.triggers import (
 )
 
 USER = TableKey("public", "user")
+SPEC = TriggerSpec()  # every column, no filter
 LEDGER = TableKey("public", "ledger")
 ENTRY = TableKey("audit", "entry")
 MANAGER = TriggerManager("pgevents", "pgevents_capture", "shop")
@@ -73,7 +76,7 @@ def current_objects(**functions: CaptureFunction) -> SchemaObjects:
     """An event schema as this release installs it, with ``functions`` overriding some."""
     return SchemaObjects(
         tables=SCHEMA_TABLES,
-        event_columns=frozenset({"id", "op", "attempt", "retried_attempts"}),
+        event_columns=frozenset({"id", "op", "attempt"}) | frozenset(EVENT_TABLE_UPGRADES),
         functions={
             function_name(kind): functions.get(
                 function_name(kind), CaptureFunction(function_body("pgevents", kind), "pgevents_capture", False)
@@ -288,21 +291,21 @@ def comment_block(trigger: str, table: str, comment: str) -> list[str]:
 
 
 def test_a_trigger_is_replaced_by_name_with_its_transition_tables_watched_columns_and_app():
-    assert MANAGER.trigger_sql(USER, "insert", None).splitlines() == [
+    assert MANAGER.trigger_sql(USER, "insert", SPEC).splitlines() == [
         'DROP TRIGGER IF EXISTS "pgevents_insert" ON "public"."user";',
         'CREATE TRIGGER "pgevents_insert" AFTER INSERT ON "public"."user"',
         "REFERENCING NEW TABLE AS pgevents_new",
         'FOR EACH STATEMENT EXECUTE FUNCTION "pgevents".capture_insert();',
         *comment_block('"pgevents_insert"', '"public"."user"', "'flask-pgevents app: shop'"),
     ]
-    assert MANAGER.trigger_sql(ENTRY, "update", frozenset({"name", "email"})).splitlines()[:4] == [
+    assert MANAGER.trigger_sql(ENTRY, "update", TriggerSpec(frozenset({"name", "email"}))).splitlines()[:4] == [
         'DROP TRIGGER IF EXISTS "pgevents_update" ON "audit"."entry";',
         'CREATE TRIGGER "pgevents_update" AFTER UPDATE ON "audit"."entry"',
         "REFERENCING OLD TABLE AS pgevents_old NEW TABLE AS pgevents_new",
         "FOR EACH STATEMENT EXECUTE FUNCTION \"pgevents\".capture_update('email', 'name');",
     ]
     odd_table = TableKey('Odd "Schema"', "it's")
-    odd = TriggerManager("pgevents", "c", "it's").trigger_sql(odd_table, "broadcast_delete", None)
+    odd = TriggerManager("pgevents", "c", "it's").trigger_sql(odd_table, "broadcast_delete", SPEC)
     assert odd.splitlines() == [
         'DROP TRIGGER IF EXISTS "pgevents_broadcast_delete" ON "Odd ""Schema"""."it\'s";',
         'CREATE TRIGGER "pgevents_broadcast_delete" AFTER DELETE ON "Odd ""Schema"""."it\'s"',
@@ -313,15 +316,15 @@ def test_a_trigger_is_replaced_by_name_with_its_transition_tables_watched_column
 
 
 def test_watched_column_names_are_quoted_as_literals():
-    sql = MANAGER.trigger_sql(USER, "update", frozenset({"it's", "back\\slash"}))
+    sql = MANAGER.trigger_sql(USER, "update", TriggerSpec(frozenset({"it's", "back\\slash"})))
     assert "capture_update(E'back\\\\slash', 'it''s');" in sql
 
 
 def test_a_fresh_database_gets_the_schema_and_every_needed_trigger_in_order():
     needed = {
-        (USER, "update"): frozenset({"email"}),
-        (ENTRY, "insert"): None,
-        (USER, "broadcast_insert"): None,
+        (USER, "update"): TriggerSpec(frozenset({"email"})),
+        (ENTRY, "insert"): SPEC,
+        (USER, "broadcast_insert"): SPEC,
     }
     plan = MANAGER.plan(needed, [], SchemaObjects(), OWNED)
     assert plan.steps == (
@@ -333,16 +336,16 @@ def test_a_fresh_database_gets_the_schema_and_every_needed_trigger_in_order():
     schema_sql = MANAGER.schema_sql(OWNED)
     assert plan.statements == (
         *schema_sql,
-        MANAGER.trigger_sql(ENTRY, "insert", None),
-        MANAGER.trigger_sql(USER, "broadcast_insert", None),
-        MANAGER.trigger_sql(USER, "update", frozenset({"email"})),
+        MANAGER.trigger_sql(ENTRY, "insert", SPEC),
+        MANAGER.trigger_sql(USER, "broadcast_insert", SPEC),
+        MANAGER.trigger_sql(USER, "update", TriggerSpec(frozenset({"email"}))),
     )
     assert plan.tables == (*[None] * len(schema_sql), ENTRY, USER, USER)
     assert plan.changes == 4
 
 
 def test_nothing_to_change_is_zero_changes_and_no_statement():
-    needed = {(USER, "insert"): None, (USER, "update"): frozenset({"email"})}
+    needed = {(USER, "insert"): SPEC, (USER, "update"): TriggerSpec(frozenset({"email"}))}
     present = [installed(USER, "insert"), installed(USER, "update", frozenset({"email"}))]
     plan = MANAGER.plan(needed, present, current_objects(), OWNED)
     assert plan.steps == (PlanStep("keep", USER, "insert"), PlanStep("keep", USER, "update", "columns: email"))
@@ -353,7 +356,7 @@ def test_nothing_to_change_is_zero_changes_and_no_statement():
 
 
 def test_changed_columns_and_disabled_triggers_are_replaced_and_say_why():
-    needed = {(USER, "update"): frozenset({"email", "name"}), (USER, "insert"): None}
+    needed = {(USER, "update"): TriggerSpec(frozenset({"email", "name"})), (USER, "insert"): SPEC}
     present = [installed(USER, "update", frozenset({"email"})), installed(USER, "insert", enabled=False)]
     plan = MANAGER.plan(needed, present, current_objects(), OWNED)
     assert plan.steps == (
@@ -361,7 +364,8 @@ def test_changed_columns_and_disabled_triggers_are_replaced_and_say_why():
         PlanStep("replace", USER, "update", "columns: email, name; was watched email"),
     )
     assert plan.statements == (
-        MANAGER.trigger_sql(USER, "insert", None), MANAGER.trigger_sql(USER, "update", frozenset({"email", "name"})),
+        MANAGER.trigger_sql(USER, "insert", SPEC),
+        MANAGER.trigger_sql(USER, "update", TriggerSpec(frozenset({"email", "name"}))),
     )
 
 
@@ -390,7 +394,7 @@ def test_a_trigger_another_app_installed_and_this_app_needs_is_refused():
         " events, so each would miss the other's: give this app its own PGEVENTS_SCHEMA. If it is"
         " the same app under a new name, set PGEVENTS_APP_NAME = 'billing'.",
     ):
-        MANAGER.plan({(LEDGER, "insert"): None}, [installed(LEDGER, "insert", app="billing")], current_objects(), OWNED)
+        MANAGER.plan({(LEDGER, "insert"): SPEC}, [installed(LEDGER, "insert", app="billing")], current_objects(), OWNED)
 
 
 @pytest.mark.parametrize(("objects", "owner", "detail"), [
@@ -403,7 +407,7 @@ def test_a_trigger_another_app_installed_and_this_app_needs_is_refused():
     (current_objects(), CaptureOwner("pgevents_capture", create=True), "create the capture role 'pgevents_capture'"),
 ])
 def test_an_outdated_schema_is_replaced_without_creating_its_tables_again(objects, owner, detail):
-    plan = MANAGER.plan({(USER, "insert"): None}, [installed(USER, "insert")], objects, owner)
+    plan = MANAGER.plan({(USER, "insert"): SPEC}, [installed(USER, "insert")], objects, owner)
     assert plan.steps == (PlanStep("replace", None, "event schema", detail), PlanStep("keep", USER, "insert"))
     assert plan.statements == tuple(MANAGER.schema_sql(owner, objects))
     # CREATE INDEX IF NOT EXISTS would lock the event table against every writer.
@@ -424,7 +428,7 @@ def test_an_event_table_of_release_0_1_gets_its_new_column():
     )
     missing_table = SchemaObjects(frozenset({"event"}), frozenset(), {})
     assert MANAGER.plan({}, [], missing_table, OWNED).steps[0].detail.startswith(
-        "tables missing: broadcast, listener; capture functions from another release"
+        "tables missing: backfill, broadcast, listener; capture functions from another release"
     )
 
 
@@ -482,7 +486,7 @@ def test_a_trigger_with_another_source_or_name_is_not_current():
 def test_triggers_on_other_functions_of_the_schema_are_not_capture_triggers():
     foreign = [
         TriggerRow(USER, "audit_log", "audit_log", (), "BEGIN END", True),
-        TriggerRow(USER, "pgevents_truncate", "capture_truncate", (), "BEGIN END", True),
+        TriggerRow(USER, "pgevents_vacuum", "capture_vacuum", (), "BEGIN END", True),
         TriggerRow(USER, "capture", "capture_", (), "BEGIN END", True),
         TriggerRow(USER, "x", "my_capture_insert", (), function_body("pgevents", "insert"), True),
     ]
@@ -496,13 +500,13 @@ def test_triggers_on_other_functions_of_the_schema_are_not_capture_triggers():
 
 def test_status_compares_needed_and_installed_triggers():
     needed = {
-        (USER, "insert"): None,
-        (USER, "update"): frozenset({"email"}),
-        (USER, "delete"): None,
-        (ENTRY, "insert"): None,
-        (ENTRY, "update"): frozenset({"at"}),
-        (ENTRY, "delete"): None,
-        (ENTRY, "broadcast_insert"): None,
+        (USER, "insert"): SPEC,
+        (USER, "update"): TriggerSpec(frozenset({"email"})),
+        (USER, "delete"): SPEC,
+        (ENTRY, "insert"): SPEC,
+        (ENTRY, "update"): TriggerSpec(frozenset({"at"})),
+        (ENTRY, "delete"): SPEC,
+        (ENTRY, "broadcast_insert"): SPEC,
     }
     present = [
         installed(USER, "insert"),
@@ -526,7 +530,7 @@ def test_status_compares_needed_and_installed_triggers():
 
 
 def test_freshly_installed_triggers_read_back_from_the_catalog_are_installed():
-    needed = {(USER, "insert"): None, (USER, "update"): frozenset({"name", "email"})}
+    needed = {(USER, "insert"): SPEC, (USER, "update"): TriggerSpec(frozenset({"name", "email"}))}
     rows = [row(USER, "insert"), row(USER, "update", arguments=("email", "name"))]
     states = MANAGER.status(needed, MANAGER.installed(rows))
     assert [s.state for s in states] == ["installed", "installed"]
@@ -554,10 +558,10 @@ def columns_of(tables: dict[TableKey, set[str]], asked: list[TableKey]) -> Calla
 def test_check_tables_accepts_existing_tables_and_columns_and_asks_once_per_table():
     asked: list[TableKey] = []
     needed = {
-        (LEDGER, "insert"): None,
-        (LEDGER, "update"): frozenset({"amount"}),
-        (LEDGER, "broadcast_update"): frozenset({"memo", "amount"}),
-        (ENTRY, "delete"): None,
+        (LEDGER, "insert"): SPEC,
+        (LEDGER, "update"): TriggerSpec(frozenset({"amount"})),
+        (LEDGER, "broadcast_update"): TriggerSpec(frozenset({"memo", "amount"})),
+        (ENTRY, "delete"): SPEC,
     }
     tables = {LEDGER: {"id", "amount", "memo"}, ENTRY: {"id"}}
     assert MANAGER.check_tables(needed, columns_of(tables, asked)) is None
@@ -570,7 +574,7 @@ def test_check_tables_names_a_missing_table():
         "Table 'public.ledgers' does not exist, so no trigger can be installed on it. Create it"
         " first (db.create_all() or a migration), or fix the handlers' targets. Nothing was installed.",
     ):
-        MANAGER.check_tables({(TableKey("public", "ledgers"), "insert"): None}, columns_of({}, []))
+        MANAGER.check_tables({(TableKey("public", "ledgers"), "insert"): SPEC}, columns_of({}, []))
 
 
 @pytest.mark.parametrize("kind", ["update", "broadcast_update"])
@@ -581,11 +585,12 @@ def test_check_tables_names_a_watched_column_the_table_lacks(kind):
         "No column 'ammount', 'mmo' in table 'public.ledger', watched by an 'after_update'"
         " handler. Expected some of 'amount', 'id', 'memo'.",
     ):
-        MANAGER.check_tables({(LEDGER, kind): frozenset({"mmo", "ammount", "amount"})}, columns_of(tables, []))
+        MANAGER.check_tables({(LEDGER, kind): TriggerSpec(frozenset({"mmo", "ammount", "amount"}))},
+                             columns_of(tables, []))
 
 
 def test_check_tables_names_every_missing_table_in_trigger_order():
-    needed = {(USER, "insert"): None, (ENTRY, "insert"): None, (LEDGER, "delete"): None, (USER, "delete"): None}
+    needed = {(USER, "insert"): SPEC, (ENTRY, "insert"): SPEC, (LEDGER, "delete"): SPEC, (USER, "delete"): SPEC}
     with raises(
         MissingTableError,
         "Tables 'audit.entry', 'public.ledger', 'public.user' do not exist, so no trigger can be"
@@ -617,7 +622,7 @@ def test_a_listener_role_gets_exactly_the_listener_grants():
 def test_broadcast_grants_only_when_a_handler_is_broadcast():
     assert grants(broadcast=True) == [
         render("listener_grants", schema='"pgevents"', role='"reader"'),
-        'GRANT SELECT (txid, id, table_schema, table_name, op, old, new, created_at), DELETE'
+        'GRANT SELECT (txid, id, table_schema, table_name, op, old, new, created_at, context), DELETE'
         ' ON "pgevents"."broadcast" TO "reader";',
     ]
 
@@ -657,7 +662,7 @@ def test_grant_statements_quote_the_role():
 def test_a_capture_trigger_under_another_name_is_dropped_by_its_own_name():
     # A copy of the insert trigger under another name would capture every row twice.
     copies = MANAGER.installed([row(USER, "insert"), row(USER, "insert", name="legacy_insert")])
-    plan = MANAGER.plan({(USER, "insert"): None}, copies, current_objects(), OWNED)
+    plan = MANAGER.plan({(USER, "insert"): SPEC}, copies, current_objects(), OWNED)
     assert plan.steps == (
         PlanStep("drop", USER, "insert", "a copy named 'legacy_insert'"), PlanStep("keep", USER, "insert"),
     )
@@ -675,10 +680,10 @@ def test_drift_creates_alters_and_drops_what_differs_from_the_handlers():
     from flask_pgevents.triggers import TriggerChange
 
     needed = {
-        (USER, "insert"): None,
-        (USER, "update"): frozenset({"email", "name"}),
-        (LEDGER, "delete"): None,
-        (ENTRY, "insert"): None,
+        (USER, "insert"): SPEC,
+        (USER, "update"): TriggerSpec(frozenset({"email", "name"})),
+        (LEDGER, "delete"): SPEC,
+        (ENTRY, "insert"): SPEC,
     }
     found = [
         installed(USER, "insert"),
@@ -688,7 +693,7 @@ def test_drift_creates_alters_and_drops_what_differs_from_the_handlers():
         installed(ENTRY, "delete", app="billing"),  # another app's: left alone
         installed(ENTRY, "broadcast_update", current=False),  # outdated functions are no drift
     ]
-    needed[(ENTRY, "broadcast_update")] = None
+    needed[(ENTRY, "broadcast_update")] = SPEC
     assert MANAGER.drift(needed, found) == [
         TriggerChange("create", ENTRY, "insert"),
         TriggerChange("alter", LEDGER, "delete"),
@@ -699,15 +704,87 @@ def test_drift_creates_alters_and_drops_what_differs_from_the_handlers():
 
 def test_no_drift_when_the_installed_triggers_match():
     found = [installed(USER, "insert"), installed(USER, "update", frozenset({"email"}))]
-    assert MANAGER.drift({(USER, "insert"): None, (USER, "update"): frozenset({"email"})}, found) == []
+    needed = {(USER, "insert"): SPEC, (USER, "update"): TriggerSpec(frozenset({"email"}))}
+    assert MANAGER.drift(needed, found) == []
 
 
 def test_drift_refuses_a_trigger_another_app_installed():
     with pytest.raises(TriggerOwnershipError, match="installed for the app 'billing'"):
-        MANAGER.drift({(USER, "insert"): None}, [installed(USER, "insert", app="billing")])
+        MANAGER.drift({(USER, "insert"): SPEC}, [installed(USER, "insert", app="billing")])
 
 
 def test_drift_prefers_the_trigger_under_its_usual_name_to_a_copy():
     copy = InstalledTrigger(USER, "update", "legacy_update", frozenset({"name"}), True, True, "shop")
     found = [installed(USER, "update", frozenset({"email"})), copy]
-    assert MANAGER.drift({(USER, "update"): frozenset({"email"})}, found) == []
+    assert MANAGER.drift({(USER, "update"): TriggerSpec(frozenset({"email"}))}, found) == []
+
+
+# where= filters and TRUNCATE ------------------------------------------------------------
+
+PAID = TriggerSpec(None, frozenset({"new_row.status = 'paid'", "old_row.status != new_row.status"}), every_row=False)
+
+
+def filtered_row(table: TableKey, kind: str, spec: TriggerSpec) -> TriggerRow:
+    """A catalog row of a filtered trigger, as install-triggers creates it."""
+    return TriggerRow(
+        table, f"pgevents_{kind}", function_name(kind, table), tuple(sorted(spec.columns or ())),
+        function_body("pgevents", kind, spec, table), True, "flask-pgevents app: shop",
+    )
+
+
+def test_a_filtered_trigger_gets_its_own_function_owned_by_the_capture_role_and_not_public():
+    sql = MANAGER.trigger_sql(USER, "update", PAID, OWNED)
+    function = function_name("update", USER)
+    assert function.startswith("capture_update__") and len(function) <= 63
+    assert function != function_name("update", ENTRY)
+    assert sql.index('GRANT CREATE ON SCHEMA "pgevents"') < sql.index(f'"pgevents".{function}() RETURNS trigger')
+    assert f'REVOKE ALL ON FUNCTION "pgevents".{function}() FROM PUBLIC;' in sql
+    assert f'ALTER FUNCTION "pgevents".{function}() OWNER TO "pgevents_capture";' in sql
+    assert sql.index('REVOKE CREATE ON SCHEMA') < sql.index("CREATE TRIGGER")
+    assert f"EXECUTE FUNCTION \"pgevents\".{function}();" in sql
+    body = function_body("pgevents", "update", PAID, USER)
+    assert "CASE WHEN (new_row.status = 'paid') THEN " in body
+    assert "AND ((new_row.status = 'paid') OR (old_row.status != new_row.status))" in body
+    assert '(x.*)::"public"."user" AS r' in body
+    # The shared functions do not change with filters.
+    assert "NULL AS m FROM pgevents_new AS x) AS r;" in function_body("pgevents", "insert")
+
+
+def test_installed_filtered_triggers_read_their_filters_back_and_compare_by_them():
+    found = MANAGER.installed([filtered_row(USER, "update", PAID)])
+    assert [(t.kind, t.spec, t.current, t.own_function) for t in found] == [
+        ("update", PAID, True, function_name("update", USER))
+    ]
+    assert MANAGER.status({(USER, "update"): PAID}, found) == [TriggerStatus(USER, "update", "installed")]
+    other = TriggerSpec(None, frozenset({"new_row.status = 'shipped'"}), every_row=False)
+    assert MANAGER.status({(USER, "update"): other}, found) == [TriggerStatus(USER, "update", "outdated")]
+    plan = MANAGER.plan({(USER, "update"): other}, found, current_objects(), OWNED)
+    [step] = [s for s in plan.steps if s.table is not None]
+    assert step.action == "replace" and "was filters: " in step.detail
+    # Back to no filter: the shared function, and the trigger's own one dropped after it.
+    plan = MANAGER.plan({(USER, "update"): SPEC}, found, current_objects(), OWNED)
+    statement = plan.statements[-1]
+    assert statement.index("EXECUTE FUNCTION \"pgevents\".capture_update()") < statement.index(
+        f'DROP FUNCTION IF EXISTS "pgevents".{function_name("update", USER)}();'
+    )
+    assert MANAGER.drift({(USER, "update"): PAID}, found) == []
+    [change] = MANAGER.drift({(USER, "update"): SPEC}, found)
+    assert (change.action, change.existing_filters, change.existing_every_row) == ("alter", PAID.filters, False)
+    uninstall = MANAGER.uninstall_plan(found)
+    assert 'DROP FUNCTION IF EXISTS "pgevents".capture_update__' in uninstall.statements[0]
+
+
+def test_an_edited_filtered_function_is_outdated():
+    edited = dataclasses.replace(filtered_row(USER, "update", PAID), source="\nBEGIN RETURN NULL; END\n")
+    [found] = MANAGER.installed([edited])
+    assert not found.current
+    assert MANAGER.status({(USER, "update"): SPEC}, [found]) == [TriggerStatus(USER, "update", "outdated")]
+
+
+def test_truncate_triggers_have_no_transition_tables_and_insert_one_row():
+    sql = MANAGER.trigger_sql(USER, "truncate", SPEC)
+    assert 'CREATE TRIGGER "pgevents_truncate" AFTER TRUNCATE ON "public"."user"\nFOR EACH STATEMENT' in sql
+    assert "REFERENCING" not in sql
+    body = function_body("pgevents", "truncate")
+    assert "VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, 'truncate'" in body
+    assert "pgevents.suppress" in body
