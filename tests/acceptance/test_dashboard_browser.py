@@ -99,6 +99,20 @@ def text(browser: WebDriver, selector: str) -> str:
     return str(browser.find_element(By.CSS_SELECTOR, selector).text)
 
 
+def notice_after_action(browser: WebDriver, expected: str, timeout: float = 15.0) -> str:
+    """Wait until the page shows ``expected`` as its notice, and return the notice.
+
+    A click that submits a form returns before the next page has loaded, and
+    the page before it may show the notice of an earlier action.
+    """
+
+    def notice() -> str:
+        return next((element.text for element in browser.find_elements(By.CSS_SELECTOR, ".notice")), "")
+
+    wait_until(lambda: expected in notice(), timeout=timeout, interval=0.05)
+    return notice()
+
+
 def reload_until(browser: WebDriver, predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
     """Reload the page until ``predicate`` holds (the dashboard does not refresh itself)."""
 
@@ -198,7 +212,7 @@ def test_the_dashboard_shows_the_state_and_retries_and_discards_failed_events(
 
         # Retry: queued again, then handled by the listener.
         browser.find_element(By.ID, f"event-{alice_id}").find_element(By.CSS_SELECTOR, "button.retry").click()
-        assert "1 event(s) queued again." in text(browser, ".notice")
+        assert "1 event(s) queued again." in notice_after_action(browser, "queued again")
         events = recorder.wait_for(4)
         assert (events[-1].id, events[-1].new["name"]) == (alice_id, "alice")
         reload_until(browser, lambda: not browser.find_elements(By.ID, f"event-{alice_id}"))
@@ -208,7 +222,7 @@ def test_the_dashboard_shows_the_state_and_retries_and_discards_failed_events(
         hostile = browser.find_element(By.ID, f"event-{hostile_id}")
         hostile.find_element(By.CSS_SELECTOR, "details.confirm summary").click()
         hostile.find_element(By.CSS_SELECTOR, "button.discard").click()
-        assert "1 event(s) discarded." in text(browser, ".notice")
+        assert "1 event(s) discarded." in notice_after_action(browser, "discarded")
         assert text(browser, "#failed-count b") == "0"
         assert "No failed events." in text(browser, "#failed + *")
         assert other_service.execute("SELECT count(*) FROM pgevents.event").fetchone()[0] == 0
@@ -242,7 +256,8 @@ def test_a_forged_form_from_another_page_is_refused(make_app, browser, serve):
     assert browser.title == "flask-pgevents: pgevents"
     browser.get(f"{attacker_base}/")
     browser.find_element(By.ID, "go").click()
-    assert "400 Bad Request" in browser.title
+    # The click returns before the answer to the form has loaded.
+    wait_until(lambda: "400 Bad Request" in browser.title, timeout=15, interval=0.05)
     assert "CSRF token is missing or has expired" in browser.page_source
 
 
