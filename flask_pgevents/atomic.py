@@ -55,6 +55,7 @@ class JoinedSession:
         sa.event.listen(self.connection, "before_cursor_execute", self._before_statement)
         self._session_class = _joined_session_class(state.db, engine, self.connection)
         self._outer: Optional[sa.engine.Transaction] = None
+        self._session: Any = None
         self._in_handler = False
         self._savepoint = False
         self._app_search_path = False
@@ -83,7 +84,8 @@ class JoinedSession:
         self._outer = self.connection.begin()  # no BEGIN is sent: the claim's is in effect
         options = dict(self.state.db.session.session_factory.kw)
         options.update(bind=self.connection, join_transaction_mode="create_savepoint")
-        self.state.db.session.registry.set(self._session_class(**options))
+        self._session = self._session_class(**options)
+        self.state.db.session.registry.set(self._session)
 
     def before_handler(self) -> None:
         self._in_handler = True
@@ -91,9 +93,12 @@ class JoinedSession:
     def after_handler(self, succeeded: bool) -> None:
         """Keep the handler's committed writes, or take back all of them; drop what it left uncommitted."""
         self._in_handler = False
-        session = self.state.db.session
+        session = self._session
         try:
-            session.rollback()  # only the work it did not commit
+            # Only the work it did not commit; nothing to do (and no cost)
+            # for a handler that left the session untouched.
+            if session is not None and (self._savepoint or session.in_transaction() or session.new):
+                session.rollback()
         finally:
             if self._savepoint:
                 self._savepoint = False
@@ -110,6 +115,7 @@ class JoinedSession:
     def end(self) -> None:
         """After the claim's COMMIT or ROLLBACK: nothing is left to send."""
         self._in_handler = self._savepoint = self._app_search_path = False
+        self._session = None
         outer, self._outer = self._outer, None
         if outer is not None and outer.is_active:
             # The server's transaction has ended: the driver sends nothing,

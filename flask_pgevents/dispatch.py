@@ -16,14 +16,13 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
-from . import signals
+from . import signals, tracing
 from .atomic import JoinedSession
 from .connection import CONNECTION_ERRORS, Connection
 from .events import Event, changed_in_json, load_context, load_row
 from .pacing import Backoff
 from .registry import Subscription, broadcast_kind
 from .store import Claim, Store, StoredEvent, subscription_key
-from .tracing import handler_span
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -211,6 +210,8 @@ class Dispatcher:
         self._joined_conn: Optional[Connection] = None
         #: The joined session of the batch whose handlers run now, if any.
         self._joined_batch: Optional[JoinedSession] = None
+        #: Handlers run in OpenTelemetry spans (asked once per batch).
+        self._tracing = False
 
     # Queued events --------------------------------------------------------------
 
@@ -339,6 +340,7 @@ class Dispatcher:
         handled: list[int] = []
         failures: list[Failure] = []
         started = time.monotonic()
+        self._tracing = tracing.enabled()
         with self.state.app.app_context(), self._joined_handlers(joined):
             for stored in events:
                 if stop is not None and stop.is_set():
@@ -404,7 +406,10 @@ class Dispatcher:
             self.handler_name = sub.name
             started = self.handler_started = time.perf_counter()
             try:
-                with handler_span(event, sub.name):
+                if self._tracing:
+                    with tracing.handler_span(event, sub.name):
+                        sub.handler(event)
+                else:
                     sub.handler(event)
             except Exception as exc:
                 seconds = time.perf_counter() - started
@@ -529,6 +534,7 @@ class Dispatcher:
         if not rows:
             return 0
         self.broadcast_position = (rows[-1].txid or "0", rows[-1].id)
+        self._tracing = tracing.enabled()
         with state.app.app_context():
             for stored in rows:
                 subscriptions = state.registry.handlers_for(stored.table, broadcast_kind(stored.op))
