@@ -56,8 +56,13 @@ def install(app: Any, pgevents: Any) -> None:
         pgevents.install_triggers()
 
 
-def test_a_handlers_commit_lands_with_its_event_and_a_lost_claim_takes_it_back(make_app, other_service):
-    app, db, pgevents, Thing, Audit = audit_app(make_app)
+def crash_after_the_handlers_commit(
+    make_app: Callable[..., Any], other_service: psycopg.Connection, **config: Any
+) -> Any:
+    """An audit handler that commits, then its process dies before the claim commits
+    (here its backend is terminated under it), once. Returns the app, its
+    PGEvents and the crashed event's id, after the failed drain."""
+    app, db, pgevents, Thing, Audit = audit_app(make_app, **config)
     crashes = []
 
     @pgevents.listens_for(Thing, "after_insert")
@@ -65,8 +70,6 @@ def test_a_handlers_commit_lands_with_its_event_and_a_lost_claim_takes_it_back(m
         db.session.add(Audit(event_id=event.id, note=event.new["name"]))
         db.session.commit()
         if not crashes:
-            # The process dies after the handler's commit, before the claim
-            # commits: here, its backend is terminated under it.
             crashes.append(event.id)
             other_service.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -77,35 +80,25 @@ def test_a_handlers_commit_lands_with_its_event_and_a_lost_claim_takes_it_back(m
     other_service.execute("INSERT INTO thing (name) VALUES ('ada')")
     with pytest.raises(CONNECTION_ERRORS):  # the drain's connection was terminated
         drain(app, pgevents)
+    return app, pgevents, crashes[0]
+
+
+def test_a_handlers_commit_lands_with_its_event_and_a_lost_claim_takes_it_back(make_app, other_service):
+    app, pgevents, event_id = crash_after_the_handlers_commit(make_app, other_service)
     assert audits(other_service) == []  # the handler's commit went with the claim
     assert events_left(other_service) == [("pending", 0)]
 
     assert drain(app, pgevents) == 1
-    assert audits(other_service) == [(crashes[0], "ada")]  # exactly once
+    assert audits(other_service) == [(event_id, "ada")]  # exactly once
     assert events_left(other_service) == []
 
 
 def test_with_atomic_handlers_off_the_same_crash_repeats_the_handlers_write(make_app, other_service):
-    app, db, pgevents, Thing, Audit = audit_app(make_app, PGEVENTS_ATOMIC_HANDLERS=False)
-    crashes = []
-
-    @pgevents.listens_for(Thing, "after_insert")
-    def audit(event: Event) -> None:
-        db.session.add(Audit(event_id=event.id, note=event.new["name"]))
-        db.session.commit()
-        if not crashes:
-            crashes.append(event.id)
-            other_service.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = 'pgevents-process-pending'"
-            )
-
-    install(app, pgevents)
-    other_service.execute("INSERT INTO thing (name) VALUES ('ada')")
-    with pytest.raises(CONNECTION_ERRORS):  # the drain's connection was terminated
-        drain(app, pgevents)
+    app, pgevents, event_id = crash_after_the_handlers_commit(
+        make_app, other_service, PGEVENTS_ATOMIC_HANDLERS=False
+    )
     assert drain(app, pgevents) == 1
-    assert audits(other_service) == [(crashes[0], "ada"), (crashes[0], "ada")]  # at least once
+    assert audits(other_service) == [(event_id, "ada"), (event_id, "ada")]  # at least once
 
 
 def test_a_handler_that_raises_after_its_commit_leaves_nothing_and_is_retried(make_app, other_service):
