@@ -21,7 +21,6 @@ from .errors import AlreadyRegisteredError, CommandLineConfigurationError, Confi
 from .filters import Where
 from .pacing import Backoff
 from .registry import Handler, Registry, Target
-from .sql import quote_ident
 from .state import AppState
 from .stats import Readiness, Stats, collect, default_max_stall
 from .store import Backlog, LockHolder, LockTimeout, Store
@@ -577,7 +576,7 @@ def run_locked_ddl(state: AppState, store: Store, plan: Callable[[], InstallPlan
         except LockTimeout as exc:
             store.rollback()
             table = current.tables[exc.index] if current is not None else None
-            name = qualified(table) if table is not None else f'{quote_ident(state.config.schema)}."event"'
+            name = qualified(table) if table is not None else store.event_table
             shown = str(table) if table is not None else f"{state.config.schema}.event"
             holders = store.lock_holders(name)
             if attempt == LOCK_ATTEMPTS:
