@@ -36,7 +36,7 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
         errors += [psycopg.OperationalError, psycopg.InterfaceError]
     except ImportError:  # pragma: no cover - psycopg 3 is an optional extra
         pass
-    import psycopg2
+    import psycopg2  # type: ignore[import-untyped,unused-ignore]
 
     errors += [psycopg2.OperationalError, psycopg2.InterfaceError]
     return tuple(errors)
@@ -253,8 +253,8 @@ class Connection:
             import psycopg
 
             return psycopg.connect(*cargs, autocommit=True, **cparams)
-        import psycopg2
-        import psycopg2.extensions
+        import psycopg2  # type: ignore[import-untyped,unused-ignore]
+        import psycopg2.extensions  # type: ignore[import-untyped,unused-ignore]
 
         raw = psycopg2.connect(*cargs, **cparams)
         raw.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
