@@ -25,7 +25,7 @@ from .registry import Subscription, broadcast_kind
 from .store import Claim, Store, StoredEvent, subscription_key
 
 if TYPE_CHECKING:
-    from .state import AppState
+    from .state import AppState, TableInfo
 
 logger = logging.getLogger("flask_pgevents")
 
@@ -341,6 +341,9 @@ class Dispatcher:
         failures: list[Failure] = []
         started = time.monotonic()
         self._tracing = tracing.enabled()
+        # Per (schema, table, kind) of the batch: its table, handlers and whether
+        # any has a filter, looked up once rather than per event.
+        routes: dict[tuple[str, str, str], tuple[TableInfo, tuple[Subscription, ...], bool]] = {}
         with self.state.app.app_context(), self._joined_handlers(joined):
             for stored in events:
                 if stop is not None and stop.is_set():
@@ -350,7 +353,15 @@ class Dispatcher:
                 attempt = stored.attempt + 1
                 done = set(stored.done_handlers)
                 try:
-                    event = self.event(stored, attempt)
+                    route_key = (stored.table.schema, stored.table.name, stored.op)
+                    route = routes.get(route_key)
+                    if route is None:
+                        subs = self.state.registry.handlers_for(stored.table, stored.op)
+                        route = routes[route_key] = (
+                            self.state.table_info(stored.table), subs, any(sub.filter is not None for sub in subs),
+                        )
+                    info, subscriptions, filtered = route
+                    event = self.event(stored, attempt, info)
                 except Exception as exc:
                     logger.exception(
                         "Event %s (%s on %s) could not be decoded; it is retried like a failed handler.",
@@ -358,10 +369,10 @@ class Dispatcher:
                     )
                     failures.append(Failure(stored.id, attempt, sorted(done), {DECODE_STEP: error_record(exc)}))
                     continue
-                subscriptions = self.state.registry.handlers_for(stored.table, stored.op)
                 if stored.handler is not None:  # a backfill for one handler
                     subscriptions = tuple(sub for sub in subscriptions if sub.name == stored.handler)
-                subscriptions = matching_filters(subscriptions, stored.matched)
+                if filtered:
+                    subscriptions = matching_filters(subscriptions, stored.matched)
                 errors = self.call_handlers(event, subscriptions, done)
                 if errors:
                     failures.append(Failure(stored.id, attempt, sorted(done), errors, event))
@@ -442,9 +453,13 @@ class Dispatcher:
                 signals.event_failed, self.state.app, event=event, handler=handler, exception=exc, will_retry=will_retry
             )
 
-    def event(self, stored: StoredEvent, attempt: int) -> Event:
-        """The Event handlers receive for a stored row: values decoded by column type."""
-        info = self.state.table_info(stored.table)
+    def event(self, stored: StoredEvent, attempt: int, info: Optional[TableInfo] = None) -> Event:
+        """The Event handlers receive for a stored row: values decoded by column type.
+
+        :param info: the row's table, when the caller has looked it up.
+        """
+        if info is None:
+            info = self.state.table_info(stored.table)
         old, new = load_row(stored.old), load_row(stored.new)
         changed = changed_in_json(old, new)  # before decoding, which works in place
         return Event(

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql
 Converter = Callable[[Any], Any]
 Row = Dict[str, Any]
 
-_loads_exact = json.JSONDecoder(parse_float=decimal.Decimal).decode
+_exact_json = json.JSONDecoder(parse_float=decimal.Decimal)
 
 
 def load_row(text: Optional[str]) -> Optional[Row]:
@@ -28,8 +28,16 @@ def load_row(text: Optional[str]) -> Optional[Row]:
         return None
     if not isinstance(text, str):  # a driver that already decoded jsonb
         return dict(text)
-    row: Row = _loads_exact(text)
-    return row
+    # Captured rows have no whitespace around them, which decode() would
+    # look for with two regular expressions per row; anything else takes it.
+    try:
+        row, end = _exact_json.raw_decode(text)
+    except ValueError:
+        end = -1
+    if end != len(text):
+        row = _exact_json.decode(text)
+    result: Row = row
+    return result
 
 
 def _json_floats(value: Any) -> Any:
@@ -58,6 +66,11 @@ def _iso(text: str) -> str:
 def _to_datetime(value: Any) -> Any:
     if not isinstance(value, str):
         return value
+    try:
+        # Python 3.11 reads PostgreSQL's forms as they are: one call per row.
+        return datetime.datetime.fromisoformat(value)
+    except ValueError:
+        pass
     if value in ("infinity", "-infinity"):
         return datetime.datetime.max if value == "infinity" else datetime.datetime.min
     return datetime.datetime.fromisoformat(_iso(value))

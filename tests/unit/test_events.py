@@ -291,6 +291,14 @@ def test_load_row_keeps_numbers_exact():
     assert str(row["a"]) == "1.10"
 
 
+def test_load_row_reads_json_with_whitespace_around_it_and_refuses_anything_after_it():
+    assert load_row(' \n{"a": 1.5}\t ') == {"a": decimal.Decimal("1.5")}
+    with pytest.raises(ValueError, match="Extra data"):
+        load_row('{"a": 1} {"b": 2}')
+    with pytest.raises(ValueError, match="Expecting value"):
+        load_row("")
+
+
 def test_load_row_accepts_rows_a_driver_already_decoded():
     decoded = {"a": 1}
     row = load_row(decoded)  # type: ignore[arg-type]
