@@ -18,7 +18,7 @@ median and the min-max spread over the runs, and the JSON (default
 curves and the machine description.
 
 Scenarios: latency, throughput, write_cost, writers, memory, backlog,
-latency_history, signals, pgbench, one module each in ``benchmarks/scenarios/``; this
+latency_history, signals, filters, pgbench, one module each in ``benchmarks/scenarios/``; this
 script only runs them and reports. pgbench restarts the embedded server with
 ``wal_level = logical`` for its logical decoding anchor, and back.
 ``benchmarks/plot.py`` turns the JSON into ``docs/latency.png``,

@@ -107,10 +107,16 @@ class JoinedSession:
                 self.conn.execute(render("release_handler_savepoint"))
 
     def before_settle(self) -> None:
-        """Back to the safe search_path for the claim's own statements."""
+        """Back to the safe search_path for the claim's own statements, and the next claims'.
+
+        A session-level ``SET``, not ``SET LOCAL``: a handler that set the
+        connection's own search_path (``SET search_path TO tenant, public``)
+        and committed would otherwise leave it to every later claim, whose
+        operators a role with ``CREATE`` on those schemas could then replace.
+        """
         if self._app_search_path:
             self._app_search_path = False
-            self.conn.execute(render("safe_search_path_local"))
+            self.conn.execute(render("safe_search_path"))
 
     def end(self) -> None:
         """After the claim's COMMIT or ROLLBACK: nothing is left to send."""

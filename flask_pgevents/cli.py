@@ -17,6 +17,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from .backfill import DEFAULT_BATCH_SIZE
 from .connection import CONNECTION_ERRORS, as_sentence, classify, error_reason, sqlstate
 from .errors import PGEventsError
 
@@ -273,7 +274,10 @@ def retry(retry_all: bool, event_ids: tuple[int, ...]) -> None:
 @click.argument("target", metavar="MODEL_OR_TABLE")
 @click.option("--where", "where", metavar="SQL", help="Only the rows this SQL condition selects (trusted text).")
 @click.option("--handler", metavar="NAME", help="Only for this after_insert handler (default: all of them).")
-@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1), help="Rows per transaction.")
+@click.option(
+    "--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
+    help="Rows per transaction.",
+)
 @with_appcontext
 @_database_errors
 def backfill(target: str, where: Optional[str], handler: Optional[str], batch_size: int) -> None:

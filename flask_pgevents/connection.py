@@ -28,22 +28,24 @@ KEEPALIVES = {
 }
 
 
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OSError]
+def _driver_errors(*names: str) -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = []
     try:
         import psycopg
 
-        errors += [psycopg.OperationalError, psycopg.InterfaceError]
+        errors += [getattr(psycopg, name) for name in names]
     except ImportError:  # pragma: no cover - psycopg 3 is an optional extra
         pass
     import psycopg2  # type: ignore[import-untyped,unused-ignore]
 
-    errors += [psycopg2.OperationalError, psycopg2.InterfaceError]
+    errors += [getattr(psycopg2, name) for name in names]
     return tuple(errors)
 
 
 #: Exceptions that mean the connection is gone, for both drivers.
-CONNECTION_ERRORS = _connection_errors()
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, *_driver_errors("OperationalError", "InterfaceError"))
+#: Every error either driver raises for a statement or a connection.
+DATABASE_ERRORS = _driver_errors("Error")
 
 
 def sqlstate(exc: BaseException) -> Optional[str]:

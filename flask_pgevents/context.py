@@ -50,9 +50,14 @@ def set_context(values: Optional[dict[str, Any]]) -> sa.TextClause:
     return sa.text(render("set_context", setting=quote_literal(CONTEXT_SETTING))).bindparams(value=text)
 
 
+def _session_class(db: Any) -> Optional[type]:
+    """The class of ``db.session``'s sessions: its sessionmaker's own subclass, one per ``db``."""
+    return getattr(getattr(getattr(db, "session", None), "session_factory", None), "class_", None)
+
+
 def watch_sessions(db: Any) -> None:
     """Set the context at every transaction a session of ``db``'s kind begins."""
-    session_class = getattr(getattr(getattr(db, "session", None), "session_factory", None), "class_", None)
+    session_class = _session_class(db)
     if session_class is None or session_class in _watched:
         return
     sa.event.listen(session_class, "after_begin", _after_begin)
@@ -64,7 +69,10 @@ def _after_begin(session: Any, transaction: Any, connection: sa.Connection) -> N
     if not has_app_context():
         return
     state: Optional[AppState] = current_app.extensions.get("pgevents")
-    if state is None or not state.enabled or getattr(session, "_db", None) is not state.db:
+    if state is None or not state.enabled:
+        return
+    session_class = _session_class(state.db)
+    if session_class is None or not isinstance(session, session_class):
         return
     values = current_values(state, session)
     if values:

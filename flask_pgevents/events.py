@@ -26,7 +26,7 @@ def load_row(text: Optional[str]) -> Optional[Row]:
     """Parse a stored row, keeping numeric values exact."""
     if text is None:
         return None
-    if not isinstance(text, str):  # a driver that already decoded jsonb
+    if not isinstance(text, str):  # a driver that already decoded the json
         return dict(text)
     # Captured rows have no whitespace around them, which decode() would
     # look for with two regular expressions per row; anything else takes it.
@@ -283,13 +283,15 @@ def load_context(text: Optional[str]) -> Optional[Row]:
     """The writer's context from the stored setting: a JSON object.
 
     Any other value (a client's ``SET LOCAL pgevents.context = 'cron'``)
-    arrives as ``{"value": <the text>}``, rather than failing the event.
+    arrives as ``{"value": <the text>}``, rather than failing the event:
+    so does JSON nested too deep for Python's parser (``[[[...]]]``), which
+    any writer may set.
     """
     if not text:
         return None
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"value": text}
     context: Row = value if isinstance(value, dict) else {"value": value}
     return context

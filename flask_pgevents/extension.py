@@ -237,9 +237,14 @@ class PGEvents:
         """
         state = self._state(app)
         with state.connect() as store:
-            return self._plan(state, store, prune=prune)
+            store.begin()  # the filters are checked under a savepoint
+            try:
+                return self._plan(state, store, prune=prune)
+            finally:
+                store.rollback()
 
     def _plan(self, state: AppState, store: Store, *, prune: bool) -> InstallPlan:
+        state.triggers.check_filters(self.registry.needed_triggers(), store.filter_error)
         owner = state.triggers.capture_owner(store.capture_role_state(state.config.capture_role))
         installed = state.triggers.installed(store.installed_triggers())
         plan = state.triggers.plan(
@@ -271,10 +276,10 @@ class PGEvents:
             return self._grant_statements(state, store, role)
 
     def _grant_statements(self, state: AppState, store: Store, role: str) -> list[str]:
-        role_exists, server_version = store.role_state(role)
+        role_state = store.role_state(role)
         return state.triggers.listener_grants_sql(
-            role, role_exists=role_exists, schema_exists=store.schema_exists(),
-            server_version=server_version, broadcast=self.registry.has_broadcast(),
+            role, role_exists=role_state.role_exists, schema_exists=store.schema_exists(),
+            server_version=role_state.server_version, broadcast=self.registry.has_broadcast(),
         )
 
     def uninstall_triggers(self, app: Optional[Flask] = None, *, drop_schema: bool = False) -> int:

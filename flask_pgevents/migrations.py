@@ -383,6 +383,11 @@ def borrowed_store(bind: sa.Connection, schema: str) -> Iterator[Store]:
     """A store on the DB-API connection of ``bind``, in its transaction, with a
     safe ``search_path`` until the block ends.
 
+    In an autocommit block (``op.get_context().autocommit_block()``) the
+    block gets a transaction of its own: each statement would otherwise
+    commit alone, a capture function before the ``REVOKE`` that keeps
+    others from calling it, and ``SET LOCAL`` would pin nothing.
+
     :raises MigrationContextError: for a database other than PostgreSQL, or a
         driver other than psycopg or psycopg2.
     """
@@ -393,9 +398,20 @@ def borrowed_store(bind: sa.Connection, schema: str) -> Iterator[Store]:
             f" but the migration's connection uses {dialect.name}+{dialect.driver}. Set"
             " PGEVENTS_ENABLED = False for databases that have no triggers (SQLite in tests)."
         )
-    raw = bind.connection.driver_connection
-    with Store(BorrowedConnection(raw, dialect.driver), schema) as store, store.safe_search_path():
-        yield store
+    raw: Any = bind.connection.driver_connection
+    with Store(BorrowedConnection(raw, dialect.driver), schema) as store:
+        if not raw.autocommit:
+            with store.safe_search_path():
+                yield store
+            return
+        store.begin()
+        try:
+            with store.safe_search_path():
+                yield store
+        except BaseException:
+            store.rollback()
+            raise
+        store.commit()
 
 
 def run_operation(operations: Operations, plan: Callable[[AppState, Store], InstallPlan]) -> None:
@@ -431,6 +447,7 @@ def run_operation(operations: Operations, plan: Callable[[AppState, Store], Inst
 def install_plan(state: AppState, store: Store, needed: TriggerSet, *, prune: bool = False) -> InstallPlan:
     """The plan that installs ``needed``; fails first for a missing table or column."""
     state.triggers.check_tables(needed, store.table_columns)
+    state.triggers.check_filters(needed, store.filter_error)
     owner = state.triggers.capture_owner(store.capture_role_state(state.config.capture_role))
     installed = state.triggers.installed(store.installed_triggers())
     plan = state.triggers.plan(needed, installed, store.schema_objects(), owner, prune=prune)

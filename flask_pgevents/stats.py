@@ -83,6 +83,8 @@ class TriggerState:
     """A trigger that the registered handlers need, and whether it is there."""
 
     table: str
+    #: The trigger's kind: its op, or ``broadcast_<op>`` for broadcast handlers
+    #: (named ``op`` in the JSON that ``status --json`` prints).
     op: str
     #: ``installed``, ``outdated``, ``missing`` or ``unneeded``.
     state: str

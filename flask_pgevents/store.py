@@ -1,8 +1,14 @@
 """Every query flask-pgevents runs, on one connection, returning typed rows.
 
 The SQL lives in ``sql/queries.sql``; rows are read by column name into the
-dataclasses below. Nothing else in the package executes SQL, except the DDL
-scripts that :mod:`flask_pgevents.triggers` renders and this store runs.
+dataclasses below. Every query on flask-pgevents' own connections runs here,
+the DDL that :mod:`flask_pgevents.triggers` renders included. Other modules
+execute only session settings, each a rendered block: the handlers'
+savepoints and search_path on the claiming connection (:mod:`~flask_pgevents.atomic`),
+``pgevents.context`` and ``pgevents.suppress`` on the app's session
+(:mod:`~flask_pgevents.context`, :mod:`~flask_pgevents.suppression`), the safe
+search_path at connect (:mod:`~flask_pgevents.connection`,
+:mod:`~flask_pgevents.state`); and the pytest plugin creates its test databases.
 """
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ import json
 import string
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
-from .connection import Connection, sqlstate
+from .connection import CONNECTION_ERRORS, DATABASE_ERRORS, Connection, sqlstate
+from .filters import ROW_ALIASES
 from .registry import TableKey
 from .sql import BLOCKS, quote_ident, quote_literal, render
 from .stats import PendingEvents
@@ -189,6 +196,15 @@ class CaptureRoleState:
     is_member: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class RoleState:
+    """What granting a role the listener's privileges depends on."""
+
+    role_exists: bool
+    #: The server's version number (``server_version_num``).
+    server_version: int
+
+
 def _placeholders(sql: str) -> set[str]:
     return {field for _, field, _, _ in string.Formatter().parse(sql) if field}
 
@@ -209,6 +225,12 @@ def qualified_name(table: TableKey) -> str:
 def _verbatim(condition: Optional[str]) -> str:
     """A user's SQL condition as a statement with parameters takes it (``%`` doubled)."""
     return "TRUE" if not condition else condition.replace("%", "%%")
+
+
+def _by_name(cursor: Any) -> list[dict[str, Any]]:
+    """A cursor's rows, each read by column name."""
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
 def subscription_key(table: TableKey, op: str) -> str:
@@ -238,9 +260,7 @@ class Store:
         self.conn.close()
 
     def _rows(self, name: str, params: Any = None) -> list[dict[str, Any]]:
-        cursor = self.conn.execute(self._sql.get(name) or BLOCKS[name], params)
-        names = [column[0] for column in cursor.description]
-        return [dict(zip(names, row)) for row in cursor.fetchall()]
+        return _by_name(self.conn.execute(self._sql.get(name) or BLOCKS[name], params))
 
     def _events(self, name: str, params: Any) -> tuple[list[dict[str, Any]], list[StoredEvent]]:
         """Run a query of events; return its first row by column name, and the events.
@@ -517,6 +537,28 @@ class Store:
         """The columns of ``table``; empty if there is no such table."""
         return {row["name"] for row in self._rows("table_columns", (table.schema, table.name))}
 
+    def filter_error(self, table: TableKey, op: str, condition: str) -> Optional[str]:
+        """Why PostgreSQL cannot run a ``where=`` condition in a capture function; ``None`` if it can.
+
+        Planned under a savepoint, rolled back whatever happens, with the
+        capture functions' ``search_path``; call inside a transaction.
+        """
+        rows = ", ".join(
+            render("filter_row", table=qualified_name(table), alias=alias) for alias in ROW_ALIASES[op].values()
+        )
+        self.savepoint()
+        try:
+            self._run("safe_local_search_path")
+            self.conn.execute(render("check_filter", rows=rows, condition=condition))
+            error = None
+        except CONNECTION_ERRORS:
+            raise
+        except DATABASE_ERRORS as exc:
+            error = str(exc).strip().splitlines()[0]
+        self.rollback_to_savepoint()
+        self.release_savepoint()
+        return error
+
     # Backfill -----------------------------------------------------------------------
 
     def primary_key(self, table: TableKey) -> list[str]:
@@ -530,7 +572,7 @@ class Store:
         if estimate is not None:
             return int(estimate)
         sql = render("count_rows", table=qualified_name(table), condition=_verbatim(condition))
-        return int(self.conn.execute(sql, {}).fetchone()[0])  # parameters: "%%" reads "%"
+        return int(_by_name(self.conn.execute(sql, {}))[0]["count"])  # parameters: "%%" reads "%"
 
     def start_backfill(self, table: TableKey, handler: Optional[str], condition: Optional[str]) -> BackfillRun:
         """Resume the unfinished run of the same backfill, or start one."""
@@ -558,11 +600,12 @@ class Store:
         quoted = [quote_ident(key) for key in keys]
         after = "TRUE"
         if locked[0]["last_key"] is not None:
-            last = f"pg_catalog.jsonb_populate_record(NULL::{qualified_name(table)}, %(after)s::jsonb)"
             after = render(
                 "backfill_after",
                 keys=", ".join(f"x.{key}" for key in quoted),
-                last_keys=", ".join(f"({last}).{key}" for key in quoted),
+                last_keys=", ".join(
+                    render("backfill_last_key", table=qualified_name(table), key=key) for key in quoted
+                ),
             )
         sql = render(
             "backfill_batch",
@@ -575,14 +618,13 @@ class Store:
             batch_order_desc=", ".join(f"b.{key} DESC" for key in quoted),
             key_pairs=", ".join(f"{quote_literal(key)}, b.{quoted_key}" for key, quoted_key in zip(keys, quoted)),
         )
-        cursor = self.conn.execute(sql, {
+        row = _by_name(self.conn.execute(sql, {
             "after": locked[0]["last_key"], "limit": limit, "table_schema": table.schema,
             "table_name": table.name, "handler": handler, "run": run,
-        })
-        row = cursor.fetchone()
-        if row[2]:
+        }))[0]
+        if row["batch"]:
             self.notify()  # a listener that sleeps claims the batch at once
-        return BackfillBatch(int(row[2]), int(row[0]), bool(row[1]))
+        return BackfillBatch(int(row["batch"]), int(row["emitted"]), bool(row["finished"]))
 
     def capture_role_state(self, role: str) -> CaptureRoleState:
         row = self._rows("capture_role_state", {"role": role})[0]
@@ -591,7 +633,7 @@ class Store:
             role_exists=row["role_exists"], is_member=bool(row["is_member"]),
         )
 
-    def role_state(self, role: str) -> tuple[bool, int]:
+    def role_state(self, role: str) -> RoleState:
         """Whether ``role`` exists, and the server's version number."""
         row = self._rows("role_state", (role,))[0]
-        return bool(row["role_exists"]), int(row["server_version"])
+        return RoleState(bool(row["role_exists"]), int(row["server_version"]))

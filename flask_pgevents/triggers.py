@@ -13,19 +13,24 @@ import json
 from typing import Callable, Optional, Sequence
 
 from .config import trigger_name
-from .errors import MissingTableError, TriggerOwnershipError, UnknownColumnError, UnknownRoleError
+from .errors import (
+    InvalidFilterError,
+    MissingTableError,
+    TriggerOwnershipError,
+    UnknownColumnError,
+    UnknownRoleError,
+)
 from .filters import ROW_ALIASES, filter_id
 from .registry import TRIGGER_KINDS, TableKey, TriggerKey, TriggerSet, TriggerSpec, is_broadcast, op_of, trigger_order
 from .sql import dollar_tag, quote_ident, quote_literal, render
 from .store import CaptureRoleState, SchemaObjects, TriggerRow
 
-#: Transition tables each op's trigger declares (TRUNCATE has none).
+#: The REFERENCING clause each op's trigger declares, on a line of its own
+#: (TRUNCATE has no transition tables).
 TRANSITION_TABLES = {
-    "insert": "\nREFERENCING NEW TABLE AS pgevents_new",
-    "update": "\nREFERENCING OLD TABLE AS pgevents_old NEW TABLE AS pgevents_new",
-    "delete": "\nREFERENCING OLD TABLE AS pgevents_old",
-    "truncate": "",
+    op: "\n" + render(f"transition_tables_{op}") for op in ("insert", "update", "delete")
 }
+TRANSITION_TABLES["truncate"] = ""
 
 
 #: The tables install creates in the event schema.
@@ -96,22 +101,18 @@ def filter_fragments(spec: Optional[TriggerSpec], op: str, table: Optional[Table
     if spec is None or not spec.filtered or table is None:
         return {"matched": "NULL", "where": "", "row": "", "rows": ""}
     conditions = sorted(spec.filters)
-    matched = "pg_catalog.concat_ws(' ', " + ", ".join(
-        f"CASE WHEN ({condition}) THEN {quote_literal(filter_id(condition))} END" for condition in conditions
-    ) + ")"
-    any_match = " OR ".join(f"({condition})" for condition in conditions)
+    matched = render("filter_matched", cases=", ".join(
+        render("filter_case", condition=condition, id=quote_literal(filter_id(condition))) for condition in conditions
+    ))
+    tests = " OR ".join(render("filter_test", condition=condition) for condition in conditions)
     if op != "update":
-        return {"matched": matched, "where": "" if spec.every_row else f"\n        WHERE {any_match}",
-                "row": "", "rows": ""}
-    aliases = ROW_ALIASES["update"]
+        where = "" if spec.every_row else "\n" + render("filter_rows_where", tests=tests)
+        return {"matched": matched, "where": where, "row": "", "rows": ""}
     return {
         "matched": matched,
-        "where": "" if spec.every_row else f"\n      AND ({any_match})",
-        # The transition rows as the table's row type, then spread into
-        # aliases that hold the user's columns only (no rn, no j).
-        "row": f", (x.*)::{qualified(table)} AS r",
-        "rows": f"\n    CROSS JOIN LATERAL (SELECT (o.r).*) AS {aliases['old']}"
-                f"\n    CROSS JOIN LATERAL (SELECT (n.r).*) AS {aliases['new']}",
+        "where": "" if spec.every_row else "\n" + render("filter_pair_where", tests=tests),
+        "row": render("filter_pair_row", table=qualified(table)),
+        "rows": "\n" + render("filter_pair_rows", **ROW_ALIASES["update"]),
     }
 
 
@@ -617,6 +618,26 @@ class TriggerManager:
                     f" watched by an 'after_{op_of(kind)}' handler. Expected some of"
                     f" {', '.join(map(repr, sorted(existing)))}."
                 )
+
+    def check_filters(self, needed: TriggerSet, error_of: Callable[[TableKey, str, str], Optional[str]]) -> None:
+        """Fail clearly, before any DDL, for a ``where=`` filter its capture
+        function could not run: installed, it would fail every write to the table.
+
+        :param error_of: why PostgreSQL cannot run a condition on a table's
+            rows of an operation; ``None`` if it can.
+        :raises InvalidFilterError:
+        """
+        for (table, kind), spec in sorted(needed.items(), key=lambda item: trigger_order(item[0])):
+            for condition in sorted(spec.filters):
+                error = error_of(table, op_of(kind), condition)
+                if error is not None:
+                    raise InvalidFilterError(
+                        f"The where= filter {condition!r} of the 'after_{op_of(kind)}' handlers of"
+                        f" {str(table)!r} cannot run in its capture function: {error}. Installed, it would"
+                        " fail every write to the table, so nothing was installed. Capture runs with"
+                        " search_path = pg_catalog, pg_temp: name a function or type of another schema"
+                        " with its schema (sa.func.myschema.f(...), sa.Enum(..., schema='public'))."
+                    )
 
     # Compare --------------------------------------------------------------------
 

@@ -24,10 +24,6 @@ RELEASE SAVEPOINT pgevents_handler
 -- own search_path, until the claim's transaction settles.
 SET LOCAL search_path TO DEFAULT
 
--- name: safe_search_path_local
--- Before the claim settles its events: back to the safe path.
-SET LOCAL search_path = pg_catalog, pg_temp
-
 -- name: current_search_path
 -- On a connection flask-pgevents borrows (an Alembic migration's), its own
 -- search_path is set for the length of its statements only, then restored.
@@ -145,6 +141,17 @@ JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_attribute AS a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
 
+-- name: check_filter
+-- A where= condition planned as its capture function would run it: under
+-- the capture functions' search_path, on rows of the table's type; LIMIT 0
+-- reads nothing (planning waits only for a lock that blocks reads, such as
+-- an ALTER TABLE's). {rows} are filter_row blocks, one per row alias of the
+-- operation.
+SELECT 1 FROM {rows} WHERE ({condition}) LIMIT 0
+
+-- name: filter_row
+(SELECT (NULL::{table}).*) AS {alias}
+
 -- name: capture_role_state
 -- What decides the capture functions' owner: the installing role's powers,
 -- and the capture role if it exists.
@@ -184,11 +191,13 @@ FROM {schema}."event"
 -- The listener sizes its LIMIT from the bytes per row it has seen, so that it
 -- rarely locks rows it will not send. Sizes are the rows' stored sizes
 -- (pg_column_size reads only the header, even of a TOASTed value), which
--- compression can make smaller than their text.
+-- compression can make smaller than their text. The context counts too: any
+-- writer sets it, as large as it likes, and every row of its statement stores it.
 WITH claimed AS (
     SELECT id, table_schema, table_name, op, old, new, created_at, attempt, done_handlers,
            txid, context, backfill, handler, matched,
-           coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0) AS size
+           coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0)
+               + coalesce(pg_column_size(context), 0) AS size
     FROM {schema}."event"
     WHERE status = 'pending' AND id > %s AND (run_after IS NULL OR run_after <= now())
       AND length(table_schema) || ':' || table_schema || table_name || ':' || op = ANY(%s)
@@ -286,7 +295,8 @@ FROM (
     SELECT b.*, sum(b.size) OVER (ORDER BY txid, id) - b.size AS bytes_before
     FROM (
         SELECT txid, id, table_schema, table_name, op, old, new, created_at, context,
-               coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0) AS size
+               coalesce(pg_column_size(old), 0) + coalesce(pg_column_size(new), 0)
+                   + coalesce(pg_column_size(context), 0) AS size
         FROM {schema}."broadcast"
         WHERE (txid, id) > (%s::xid8, %s)
           AND txid < pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())
@@ -373,6 +383,10 @@ FOR UPDATE
 -- type, so that each value has its column's type, and the row comparison
 -- walks the primary key's index.
 ({keys}) > ({last_keys})
+
+-- name: backfill_last_key
+-- One column of the stored last key, as the table's type reads it ({last_keys}).
+(pg_catalog.jsonb_populate_record(NULL::{table}, %(after)s::jsonb)).{key}
 
 -- name: backfill_batch
 -- One batch: the next rows in key order become 'insert' events marked as

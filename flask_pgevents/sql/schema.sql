@@ -164,6 +164,38 @@ BEGIN{suppress}{guard}
 {wake}
 END
 
+-- name: filter_matched
+-- The where= filters' parts of a capture body (triggers.filter_fragments).
+-- {matched}: the ids of the filters a row matched, space-separated;
+-- concat_ws skips the NULL of a filter that did not match. {cases} are
+-- filter_case blocks, joined by commas.
+pg_catalog.concat_ws(' ', {cases})
+
+-- name: filter_case
+CASE WHEN ({condition}) THEN {id} END
+
+-- name: filter_test
+-- One filter in {where}: those of a trigger are joined by OR.
+({condition})
+
+-- name: filter_rows_where
+-- {where} of inserts and deletes: rows that match no filter are not stored.
+        WHERE {tests}
+
+-- name: filter_pair_where
+-- {where} of updates.
+      AND ({tests})
+
+-- name: filter_pair_row
+-- {row} of updates: each transition row whole, as the table's row type...
+, (x.*)::{table} AS r
+
+-- name: filter_pair_rows
+-- ...spread by {rows} into aliases that hold the user's columns only (no
+-- rn, no j), which the filters read.
+    CROSS JOIN LATERAL (SELECT (o.r).*) AS {old}
+    CROSS JOIN LATERAL (SELECT (n.r).*) AS {new}
+
 -- name: capture_truncate
 -- TRUNCATE has no rows (and no transition tables): one event per table.
 #variable_conflict use_variable
@@ -278,6 +310,16 @@ EXCEPTION WHEN insufficient_privilege THEN
 END
 {tag};
 
+-- name: transition_tables_insert
+-- The transition tables each operation's trigger declares ({transition_tables}).
+REFERENCING NEW TABLE AS pgevents_new
+
+-- name: transition_tables_update
+REFERENCING OLD TABLE AS pgevents_old NEW TABLE AS pgevents_new
+
+-- name: transition_tables_delete
+REFERENCING OLD TABLE AS pgevents_old
+
 -- name: drop_trigger
 DROP TRIGGER IF EXISTS {trigger} ON {table};
 
@@ -295,7 +337,8 @@ DROP SCHEMA IF EXISTS {schema} CASCADE;
 -- and settle events, and nothing more. It may not insert an event nor change
 -- what one says (table, operation, rows), so it cannot forge one.
 REVOKE ALL ON SCHEMA {schema} FROM {role};
-REVOKE ALL ON {schema}."event", {schema}."broadcast", {schema}."listener" FROM {role};
+REVOKE ALL ON {schema}."event", {schema}."broadcast", {schema}."listener", {schema}."backfill" FROM {role};
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA {schema} FROM {role};
 GRANT USAGE ON SCHEMA {schema} TO {role};
 GRANT SELECT (id, table_schema, table_name, op, old, new, created_at, status, attempt,
               run_after, done_handlers, handled_at, txid, context, backfill, handler, matched)

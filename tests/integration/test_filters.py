@@ -7,7 +7,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from flask_pgevents import Event
+from flask_pgevents import Event, InvalidFilterError
 
 
 def _order_app(make_app: Any) -> tuple[Any, Any, Any, Any]:
@@ -147,6 +147,35 @@ def test_filtered_function_is_owned_by_the_capture_role_and_not_public(
     ).fetchone()
     assert remaining == (0,)
 
+
+
+def test_a_filter_its_capture_function_could_not_run_is_refused_at_install_and_writes_go_on(
+    make_app: Any, other_service: psycopg.Connection
+) -> None:
+    other_service.execute("CREATE FUNCTION public.is_big(numeric) RETURNS boolean LANGUAGE sql AS 'SELECT $1 > 100'")
+    app, _, pgevents, Order = _order_app(make_app)
+    big: list[Event] = []
+    # Unqualified, is_big() resolves for the app's own connections but not in a
+    # capture function (search_path = pg_catalog, pg_temp): every insert would fail.
+    pgevents.listen(Order, "after_insert", big.append, where=sa.func.is_big(Order.total))
+    with app.app_context(), pytest.raises(InvalidFilterError) as refused:
+        pgevents.install_sql()
+    assert "function is_big(numeric) does not exist" in str(refused.value)
+    assert "'after_insert' handlers of 'public.order'" in str(refused.value)
+    assert "sa.func.myschema.f(...)" in str(refused.value)
+    with app.app_context(), pytest.raises(InvalidFilterError):
+        pgevents.install_triggers()
+    assert _states(app, pgevents) == {("public.order", "insert"): "missing"}
+    other_service.execute("INSERT INTO \"order\" (id, \"Total\") VALUES (1, 500)")
+
+    # Named with its schema, it runs, as the capture role may execute it.
+    pgevents.remove(Order, "after_insert", big.append)
+    pgevents.listen(Order, "after_insert", big.append, where=sa.func.public.is_big(Order.total))
+    with app.app_context():
+        pgevents.install_triggers()
+    other_service.execute("INSERT INTO \"order\" (id, \"Total\") VALUES (2, 500), (3, 5)")
+    assert _drain(app, pgevents) == 1
+    assert [event.new["id"] for event in big] == [2]
 
 def test_truncate_is_one_event_per_table(make_app: Any, other_service: psycopg.Connection) -> None:
     app, db, pgevents, Order = _order_app(make_app)

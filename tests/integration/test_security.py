@@ -103,6 +103,20 @@ def test_a_watched_tables_owner_gains_nothing_through_a_cast(make_app, make_role
 # Connections ------------------------------------------------------------------
 
 
+def _set_operator_trap(conn: psycopg.Connection) -> None:
+    """``public.||(integer, text)``, which counts its calls in ``hijacked``: it
+    matches ``length(...) || ':'`` better than the built-in operator does."""
+    conn.execute("CREATE TABLE hijacked (at timestamptz DEFAULT now()); GRANT INSERT ON hijacked TO PUBLIC")
+    conn.execute("""
+        CREATE FUNCTION public.cat(integer, text) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO public.hijacked DEFAULT VALUES; RETURN $1::text || $2; END $$;
+        CREATE OPERATOR public.|| (LEFTARG = integer, RIGHTARG = text, FUNCTION = public.cat);
+    """)
+    assert _count(conn, "SELECT length('ab') || ':'") is not None  # the trap works for others
+    assert _count(conn, "SELECT count(*) FROM hijacked") == 1
+    conn.execute("TRUNCATE hijacked")
+
+
 def test_a_hostile_public_operator_is_never_called(make_app, make_role, other_service, caplog):
     # CVE-2018-1058: an operator in public that matches better than the
     # built-in one would run as the listener's role on every claim.
@@ -110,15 +124,7 @@ def test_a_hostile_public_operator_is_never_called(make_app, make_role, other_se
     recorder = Recorder()
     pgevents.listen(Thing, ["after_insert", "after_update"], recorder)
     pgevents.listen("public.thing", "after_delete", recorder)  # reflected: SQLAlchemy's own queries too
-    other_service.execute("CREATE TABLE hijacked (at timestamptz DEFAULT now()); GRANT INSERT ON hijacked TO PUBLIC")
-    other_service.execute("""
-        CREATE FUNCTION public.cat(integer, text) RETURNS text LANGUAGE plpgsql AS $$
-        BEGIN INSERT INTO public.hijacked DEFAULT VALUES; RETURN $1::text || $2; END $$;
-        CREATE OPERATOR public.|| (LEFTARG = integer, RIGHTARG = text, FUNCTION = public.cat);
-    """)
-    assert _count(other_service, "SELECT length('ab') || ':'") is not None  # the trap works for others
-    assert _count(other_service, "SELECT count(*) FROM hijacked") == 1
-    other_service.execute("TRUNCATE hijacked")
+    _set_operator_trap(other_service)
     runner = app.test_cli_runner()
     assert runner.invoke(pgevents_cli, ["install-triggers"]).exit_code == 0
     other_service.execute("INSERT INTO thing (name) VALUES ('a'), ('b')")
@@ -133,6 +139,225 @@ def test_a_hostile_public_operator_is_never_called(make_app, make_role, other_se
     assert pgevents.stop(timeout=10, app=app)
     assert [e.op for e in recorder.events] == ["insert", "insert", "update", "delete"]
     assert _count(other_service, "SELECT count(*) FROM hijacked") == 0
+
+
+def test_a_hostile_public_operator_is_never_called_by_the_features_of_0_2(make_app, other_service):
+    # Atomic handlers (one that sets its connection's search_path, as a
+    # multi-tenant app does, and commits: the claiming connection is
+    # handlers' db.session), where= filters, TRUNCATE, backfill, stats(),
+    # status --json and the dashboard's page and buttons.
+    app, db, pgevents, Thing = thing_app(make_app, SECRET_KEY="test", PGEVENTS_MAX_ATTEMPTS=1, PGEVENTS_BATCH_SIZE=1)
+    app.register_blueprint(pgevents.dashboard_blueprint(authorize=lambda request: True), url_prefix="/events")
+    recorder = Recorder()
+
+    @pgevents.listens_for(Thing, "after_insert")
+    def tenant(event: Any) -> None:
+        db.session.execute(sa.text('SET search_path TO "$user", public'))
+        db.session.commit()
+        if event.new["name"] == "fails":
+            raise RuntimeError("fails")
+
+    pgevents.listen(Thing, "after_update", recorder, where=Thing.name == "paid")
+    pgevents.listen(Thing, "after_truncate", recorder)
+    _set_operator_trap(other_service)
+    runner = app.test_cli_runner()
+    assert runner.invoke(pgevents_cli, ["install-triggers"]).exit_code == 0
+    with app.app_context():
+        other_service.execute("INSERT INTO thing (name) VALUES ('a'), ('fails')")
+        assert pgevents.process_pending() == 2  # one claim each, on the same connection
+        other_service.execute("UPDATE thing SET name = 'paid' WHERE name = 'a'")
+        assert pgevents.backfill(Thing).emitted == 2
+        other_service.execute("TRUNCATE thing")
+        assert pgevents.process_pending() == 4
+        assert pgevents.stats().failed == 2  # 'fails', captured and backfilled
+    assert [event.op for event in recorder.events] == ["update", "truncate"]
+    assert runner.invoke(pgevents_cli, ["status", "--json"]).exit_code == 0
+    client = app.test_client()
+    assert b"RuntimeError: fails" in client.get("/events/").data
+    token = {"csrf_token": _session_token(client)}
+    assert client.post("/events/retry", data={**token, "all": "1"}).status_code == 303
+    other_service.execute("UPDATE pgevents.event SET status = 'failed'")
+    ids = [row[0] for row in other_service.execute("SELECT id FROM pgevents.event").fetchall()]
+    assert client.post("/events/discard", data={**token, "event_id": ids}).status_code == 303
+    assert _count(other_service, "SELECT count(*) FROM pgevents.event") == 0
+    assert _count(other_service, "SELECT count(*) FROM hijacked") == 0
+
+
+def test_the_dashboards_actions_change_nothing_on_get_nor_without_the_sessions_token(make_app, other_service):
+    app, _db, pgevents, Thing = thing_app(make_app, SECRET_KEY="test", PGEVENTS_MAX_ATTEMPTS=1)
+    app.register_blueprint(pgevents.dashboard_blueprint(authorize=lambda request: True), url_prefix="/events")
+    pgevents.listen(Thing, "after_insert", lambda event: 1 / 0)
+    with app.app_context():
+        pgevents.install_triggers()
+        other_service.execute("INSERT INTO thing (name) VALUES ('a')")
+        assert pgevents.process_pending() == 1
+    (event_id,) = other_service.execute("SELECT id FROM pgevents.event").fetchone()
+    client = app.test_client()
+    client.get("/events/")  # the session gets its token
+    for action in ("retry", "discard"):
+        assert client.get(f"/events/{action}?all=1&event_id={event_id}").status_code == 405
+        assert client.post(f"/events/{action}", data={"all": "1", "event_id": event_id}).status_code == 400
+        assert client.post(f"/events/{action}", data={
+            "csrf_token": _session_token(client), "all": "1", "event_id": event_id,
+        }, headers={"Origin": "https://elsewhere.example"}).status_code == 400
+    assert other_service.execute("SELECT status FROM pgevents.event").fetchall() == [("failed",)]
+
+
+def _session_token(client: Any) -> str:
+    from flask_pgevents.dashboard import CSRF_SESSION_KEY
+
+    with client.session_transaction() as session:
+        token: str = session[CSRF_SESSION_KEY]
+    return token
+
+
+#: Records, for each statement that creates or alters a function or revokes a
+#: privilege, its transaction: a capture function must never be committed
+#: before the REVOKE that keeps others from calling it, nor before its owner
+#: is the capture role.
+DDL_LOG = """
+    CREATE TABLE ddl_log (tag text, xact xid8);
+    CREATE FUNCTION log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO public.ddl_log
+        SELECT command_tag, pg_catalog.pg_current_xact_id() FROM pg_catalog.pg_event_trigger_ddl_commands()
+        WHERE command_tag IN ('CREATE FUNCTION', 'REVOKE', 'ALTER FUNCTION');
+    END $$;
+    CREATE EVENT TRIGGER log_ddl ON ddl_command_end EXECUTE FUNCTION log_ddl();
+"""
+
+
+def test_migrations_give_every_capture_function_away_in_the_transaction_that_creates_it(
+    make_app, other_service, database_url
+):
+    # Also in an autocommit block, where each statement would commit alone.
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
+    import flask_pgevents.migrations  # noqa: F401  (registers the operations)
+
+    app, _db, _pgevents, _Thing = thing_app(make_app)
+    _set_operator_trap(other_service)
+    other_service.execute(DDL_LOG)
+    engine = sa.create_engine(database_url)
+    try:
+        with app.app_context(), engine.connect() as conn:
+            context = MigrationContext.configure(conn)
+            op = Operations(context)
+            with context.begin_transaction():
+                with context.autocommit_block():
+                    op.create_pgevents_trigger("thing", "after_insert")
+                    op.create_pgevents_trigger("thing", "after_update", filters=["new_row.name = 'x'"])
+                op.create_pgevents_trigger("thing", "after_truncate")
+                op.alter_pgevents_trigger("thing", "after_update", filters=["new_row.name = 'y'"])
+    finally:
+        engine.dispose()
+    by_transaction = other_service.execute(
+        "SELECT array_agg(DISTINCT tag ORDER BY tag) FROM ddl_log GROUP BY xact"
+    ).fetchall()
+    assert len(by_transaction) >= 3
+    for (tags,) in by_transaction:
+        assert "CREATE FUNCTION" not in tags or {"REVOKE", "ALTER FUNCTION"} <= set(tags), by_transaction
+    functions = other_service.execute(
+        "SELECT proname, proowner::regrole::text, proacl::text[] FROM pg_proc"
+        " WHERE pronamespace = 'pgevents'::regnamespace AND prosecdef"
+    ).fetchall()
+    assert {name for name, _, _ in functions} >= {"capture_insert", "capture_truncate", "capture_update"}
+    assert any("__" in name for name, _, _ in functions)  # the filtered trigger's own
+    for _name, owner, acl in functions:
+        assert (owner, acl) == ("pgevents_capture", ["pgevents_capture=X/pgevents_capture"])
+    assert _count(other_service, "SELECT count(*) FROM hijacked") == 0
+
+
+# Grants -------------------------------------------------------------------------
+
+
+def test_a_grant_listener_role_runs_the_features_of_0_2_and_cannot_rewrite_them(
+    make_app, make_role, database_url, other_service
+):
+    # where= filters, TRUNCATE, context, backfill events, atomic handlers and
+    # stats(), as the role 'grant-listener' made; and no column they added is its to write.
+    app, _db, pgevents, Thing = thing_app(make_app)
+    pgevents.listen(Thing, "after_insert", Recorder())
+    pgevents.listen(Thing, "after_update", Recorder(), where=Thing.name == "paid")
+    pgevents.listen(Thing, "after_truncate", Recorder())
+    other_service.execute("CREATE TABLE audit (id serial PRIMARY KEY, note text)")
+    listener = make_role()
+    with app.app_context():
+        pgevents.install_triggers()
+    assert app.test_cli_runner().invoke(pgevents_cli, ["grant-listener", listener]).exit_code == 0
+    # The app's own tables are the app's to grant.
+    other_service.execute(f'GRANT SELECT, INSERT ON thing, audit TO "{listener}"')
+    other_service.execute(f'GRANT USAGE ON SEQUENCE audit_id_seq TO "{listener}"')
+
+    listen_app, listen_db, listen_pgevents, ListenThing = thing_app(
+        make_app, SQLALCHEMY_DATABASE_URI=role_url(database_url, listener)
+    )
+    seen: list[tuple[str, Any, Any, bool]] = []
+
+    @listen_pgevents.listens_for(ListenThing, "after_insert")
+    def audit(event: Any) -> None:
+        listen_db.session.execute(sa.text("INSERT INTO audit (note) VALUES (:note)"), {"note": event.new["name"]})
+        listen_db.session.commit()
+        seen.append(("insert", event.new["name"], event.context, event.backfill))
+
+    listen_pgevents.listen(
+        ListenThing, "after_update", lambda event: seen.append(("update", event.new["name"], {}, False)),
+        where=ListenThing.name == "paid",
+    )
+    listen_pgevents.listen(ListenThing, "after_truncate", lambda event: seen.append(("truncate", None, {}, False)))
+    with other_service.transaction():
+        other_service.execute("""SET LOCAL pgevents.context = '{"actor": "cron"}'""")
+        other_service.execute("INSERT INTO thing (name) VALUES ('a')")
+    other_service.execute("UPDATE thing SET name = 'paid'")
+    with app.app_context():
+        pgevents.backfill(Thing)
+    other_service.execute("TRUNCATE thing")
+    with listen_app.app_context():
+        assert listen_pgevents.process_pending() == 4
+        stats = listen_pgevents.stats()
+    assert (stats.installed, stats.pending, stats.failed) == (True, 0, 0)
+    assert seen == [
+        ("insert", "a", {"actor": "cron"}, False), ("update", "paid", {}, False),
+        ("insert", "paid", {}, True), ("truncate", None, {}, False),
+    ]
+    assert [row[0] for row in other_service.execute("SELECT note FROM audit ORDER BY id").fetchall()] == ["a", "paid"]
+    with psycopg.connect(_libpq(role_url(database_url, listener)), autocommit=True) as conn:
+        for statement in (
+            "UPDATE pgevents.event SET context = '{}'",
+            "UPDATE pgevents.event SET matched = NULL",
+            "UPDATE pgevents.event SET backfill = true, handler = 'other'",
+            "UPDATE pgevents.event SET retried_attempts = 0",
+            "UPDATE pgevents.event SET txid = NULL",
+            "INSERT INTO pgevents.event (table_schema, table_name, op) VALUES ('public', 'x', 'insert')",
+            "SELECT * FROM pgevents.backfill",
+            "UPDATE pgevents.backfill SET last_key = NULL",
+            "SELECT pgevents.capture_truncate()",
+            f"SELECT pgevents.{_filtered_function(other_service)}()",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+
+
+def test_a_writers_context_nested_too_deep_for_python_still_reaches_the_handler(make_app, other_service):
+    app, _db, pgevents, Thing = thing_app(make_app)
+    recorder = Recorder()
+    pgevents.listen(Thing, "after_insert", recorder)
+    nested = "[" * 100_000 + "]" * 100_000
+    with app.app_context():
+        pgevents.install_triggers()
+        with other_service.transaction():
+            other_service.execute("SELECT set_config('pgevents.context', %s, true)", (nested,))
+            other_service.execute("INSERT INTO thing (name) VALUES ('deep')")
+        other_service.execute("INSERT INTO thing (name) VALUES ('plain')")
+        assert pgevents.process_pending() == 2
+        assert pgevents.failed_events() == []
+    assert [event.context for event in recorder.events] == [{"value": nested}, {}]
+
+
+def _filtered_function(conn: psycopg.Connection) -> str:
+    name: str = _count(conn, "SELECT proname FROM pg_proc WHERE starts_with(proname, 'capture_update__')")
+    return name
 
 
 # Failure records ----------------------------------------------------------------
@@ -261,6 +486,24 @@ def test_a_claim_is_bounded_by_bytes(make_app, other_service, libpq_url):
         assert pgevents.process_pending() == 8
     batches = claims.batches()
     # 1 MB holds 3 rows, plus the one that crosses it.
+    assert sum(batches) == 8 and max(batches) <= 4 and len(batches) >= 2, batches
+
+
+def test_a_claim_counts_the_writers_context_in_its_byte_bound(make_app, other_service, libpq_url):
+    # Any writer sets pgevents.context, as large as it likes, and every row
+    # of its statement stores it: eight small rows carrying 300 kB each.
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_BATCH_BYTES=1_000_000)
+    claims = ClaimSizes(pgevents, Thing, libpq_url)
+    with app.app_context():
+        pgevents.install_triggers()
+        with other_service.transaction():
+            other_service.execute(
+                "SELECT set_config('pgevents.context', (SELECT string_agg(md5(random()::text), '')"
+                " FROM generate_series(1, 9400)), true)"
+            )
+            other_service.execute("INSERT INTO thing (name) SELECT 'small' FROM generate_series(1, 8)")
+        assert pgevents.process_pending() == 8
+    batches = claims.batches()
     assert sum(batches) == 8 and max(batches) <= 4 and len(batches) >= 2, batches
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import pytest
 from conftest import raises
 
-from flask_pgevents import MissingTableError, UnknownColumnError, UnknownRoleError
+from flask_pgevents import InvalidFilterError, MissingTableError, UnknownColumnError, UnknownRoleError
 from flask_pgevents.errors import TriggerOwnershipError
 from flask_pgevents.registry import TRIGGER_KINDS, TableKey, TriggerSpec
 from flask_pgevents.sql import quote_ident, quote_literal, render
@@ -598,6 +598,39 @@ def test_check_tables_names_every_missing_table_in_trigger_order():
         " handlers' targets. Nothing was installed.",
     ):
         MANAGER.check_tables(needed, columns_of({}, []))
+
+
+def test_check_filters_asks_for_each_filter_of_each_trigger_with_its_operation():
+    asked: list[tuple[TableKey, str, str]] = []
+
+    def error_of(table: TableKey, op: str, condition: str) -> Optional[str]:
+        asked.append((table, op, condition))
+        return None
+
+    needed = {
+        (LEDGER, "update"): TriggerSpec(None, frozenset({"new_row.amount > 1", "old_row.amount = 0"})),
+        (LEDGER, "insert"): SPEC,
+        (ENTRY, "delete"): TriggerSpec(None, frozenset({"x.id = 1"}), every_row=True),
+    }
+    assert MANAGER.check_filters(needed, error_of) is None
+    assert asked == [
+        (ENTRY, "delete", "x.id = 1"),
+        (LEDGER, "update", "new_row.amount > 1"),
+        (LEDGER, "update", "old_row.amount = 0"),
+    ]
+
+
+def test_check_filters_names_the_filter_the_database_cannot_run_and_the_fix():
+    needed = {(LEDGER, "insert"): TriggerSpec(None, frozenset({"is_big(x.amount)"}))}
+    with raises(
+        InvalidFilterError,
+        "The where= filter 'is_big(x.amount)' of the 'after_insert' handlers of 'public.ledger' cannot"
+        " run in its capture function: function is_big(numeric) does not exist. Installed, it would fail"
+        " every write to the table, so nothing was installed. Capture runs with search_path = pg_catalog,"
+        " pg_temp: name a function or type of another schema with its schema (sa.func.myschema.f(...),"
+        " sa.Enum(..., schema='public')).",
+    ):
+        MANAGER.check_filters(needed, lambda *_: "function is_big(numeric) does not exist")
 
 
 # Grants of a listening role ------------------------------------------------------------
