@@ -416,7 +416,7 @@ class TriggerManager:
             "create_trigger",
             trigger=quote_ident(trigger_name(self.schema, kind)),
             table=qualified(table),
-            operation=op_of(kind).upper(),
+            op=op_of(kind).upper(),
             transition_tables=TRANSITION_TABLES[op_of(kind)],
             schema=quote_ident(self.schema),
             function=function,
@@ -537,7 +537,7 @@ class TriggerManager:
         Unlike :meth:`plan`, this app's triggers that no handler needs are
         dropped: a migration is reviewed before it runs, and its downgrade
         puts them back. Another app's triggers are left alone. Capture
-        functions of another release are no drift: every operation that
+        functions of another release are no drift: every Alembic operation that
         installs a trigger brings them up to date.
 
         :raises TriggerOwnershipError: if another app's trigger in this schema
@@ -624,7 +624,7 @@ class TriggerManager:
         function could not run: installed, it would fail every write to the table.
 
         :param error_of: why PostgreSQL cannot run a condition on a table's
-            rows of an operation; ``None`` if it can.
+            rows of an op; ``None`` if it can.
         :raises InvalidFilterError:
         """
         for (table, kind), spec in sorted(needed.items(), key=lambda item: trigger_order(item[0])):

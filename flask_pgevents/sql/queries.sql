@@ -146,7 +146,7 @@ WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
 -- the capture functions' search_path, on rows of the table's type; LIMIT 0
 -- reads nothing (planning waits only for a lock that blocks reads, such as
 -- an ALTER TABLE's). {rows} are filter_row blocks, one per row alias of the
--- operation.
+-- op.
 SELECT 1 FROM {rows} WHERE ({condition}) LIMIT 0
 
 -- name: filter_row
@@ -173,7 +173,7 @@ SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
 FROM {schema}."event"
 
 -- name: claim_batch
--- Claims the next pending events of the subscribed tables and operations,
+-- Claims the next pending events of the subscribed tables and ops,
 -- from after an id (the listener's cursor), so that a drain never walks the
 -- index entries of the events it has already deleted.
 --
@@ -317,7 +317,7 @@ DELETE FROM {schema}."broadcast" WHERE created_at < now() - %s * interval '1 sec
 VACUUM (SKIP_LOCKED) {schema}."event"
 
 -- name: pending_by_table
--- Pending events by table and operation, for stats() and 'status --json':
+-- Pending events by table and op, for stats() and 'status --json':
 -- the partial pending index holds only pending rows. An admin query; on a
 -- backlog of a million events it reads them all once.
 SELECT table_schema, table_name, op, count(*) AS pending,

@@ -300,7 +300,7 @@ REVOKE CREATE ON SCHEMA {schema} FROM {role};
 -- {transition_tables} is the REFERENCING clause on a line of its own, or
 -- nothing (TRUNCATE has no rows).
 DROP TRIGGER IF EXISTS {trigger} ON {table};
-CREATE TRIGGER {trigger} AFTER {operation} ON {table}{transition_tables}
+CREATE TRIGGER {trigger} AFTER {op} ON {table}{transition_tables}
 FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{function}({arguments});
 DO {tag}
 BEGIN
@@ -311,7 +311,7 @@ END
 {tag};
 
 -- name: transition_tables_insert
--- The transition tables each operation's trigger declares ({transition_tables}).
+-- The transition tables each op's trigger declares ({transition_tables}).
 REFERENCING NEW TABLE AS pgevents_new
 
 -- name: transition_tables_update
@@ -335,7 +335,7 @@ DROP SCHEMA IF EXISTS {schema} CASCADE;
 -- name: listener_grants
 -- What a role that only listens needs (flask pgevents grant-listener): read
 -- and settle events, and nothing more. It may not insert an event nor change
--- what one says (table, operation, rows), so it cannot forge one.
+-- what one says (table, op, rows), so it cannot forge one.
 REVOKE ALL ON SCHEMA {schema} FROM {role};
 REVOKE ALL ON {schema}."event", {schema}."broadcast", {schema}."listener", {schema}."backfill" FROM {role};
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA {schema} FROM {role};
