@@ -188,7 +188,7 @@ def uninstall_triggers(drop_schema: bool, yes: bool, print_sql: bool) -> None:
 @with_appcontext
 @_database_errors
 def status(as_json: bool) -> None:
-    """Show triggers per table and kind, the backlog and failed events.
+    """Show triggers per table and operation, the backlog and failed events.
 
     Exits with status 1 when a needed trigger is missing or outdated, or the
     event schema is not installed (with --json too).
