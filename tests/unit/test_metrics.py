@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import logging
 
+import prometheus_client
 import pytest
 from flask import Flask
 
 from flask_pgevents import PGEvents
-
-prometheus_client = pytest.importorskip("prometheus_client")
-from flask_pgevents.metrics import PGEventsCollector, instrument  # noqa: E402
+from flask_pgevents.metrics import PGEventsCollector, instrument
 
 #: Nothing listens there: a read of the database would fail, and be logged.
 UNREACHABLE_URI = "postgresql://nobody@127.0.0.1:1/none"

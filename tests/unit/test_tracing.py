@@ -4,11 +4,9 @@ Spans of handlers linked to it run in tests/integration/test_tracing.py (they
 need the SDK installed as the global tracer provider, which a process sets once)."""
 from __future__ import annotations
 
-import pytest
+from opentelemetry import trace
 
 from flask_pgevents import tracing
-
-trace = pytest.importorskip("opentelemetry.trace")
 
 WRITER = trace.SpanContext(
     trace_id=0x0AF7651916CD43DD8448EB211C80319C, span_id=0xB7AD6B7169203331, is_remote=False,
