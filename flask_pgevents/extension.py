@@ -244,12 +244,11 @@ class PGEvents:
                 store.rollback()
 
     def _plan(self, state: AppState, store: Store, *, prune: bool) -> InstallPlan:
-        state.triggers.check_filters(self.registry.needed_triggers(), store.filter_error)
         owner = state.triggers.capture_owner(store.capture_role_state(state.config.capture_role))
         installed = state.triggers.installed(store.installed_triggers())
-        plan = state.triggers.plan(
-            self.registry.needed_triggers(), installed, store.schema_objects(), owner, prune=prune
-        )
+        needed = self.registry.needed_triggers()
+        plan = state.triggers.plan(needed, installed, store.schema_objects(), owner, prune=prune)
+        state.triggers.check_filters(needed, plan, store.filter_error)
         if plan.statements:
             for warning in owner.warnings:
                 logger.warning("%s", warning)
@@ -574,13 +573,15 @@ def run_locked_ddl(state: AppState, store: Store, plan: Callable[[], InstallPlan
         try:
             # Concurrent installs wait for each other here, without a timeout.
             store.run_ddl([state.triggers.lock_sql()])
+            # Planning checks new where= filters on their tables: it waits no
+            # longer than the DDL would.
+            store.set_lock_timeout(state.config.lock_timeout)
             current = plan()
             if current.statements:
-                store.set_lock_timeout(state.config.lock_timeout)
                 store.run_ddl(current.statements)
         except LockTimeout as exc:
             store.rollback()
-            table = current.tables[exc.index] if current is not None else None
+            table = exc.table or (current.tables[exc.index] if current is not None else None)
             name = qualified(table) if table is not None else store.event_table
             shown = str(table) if table is not None else f"{state.config.schema}.event"
             holders = store.lock_holders(name)
@@ -593,7 +594,7 @@ def run_locked_ddl(state: AppState, store: Store, plan: Callable[[], InstallPlan
                 ) from None
             delay = backoff.next_delay()
             logger.warning(
-                "Table %s is locked by %s; trying again in %.1f s (attempt %s of %s).",
+                "Table %s is locked, %s; trying again in %.1f s (attempt %s of %s).",
                 shown, _describe(holders), delay, attempt, LOCK_ATTEMPTS,
             )
             time.sleep(delay)

@@ -19,7 +19,7 @@ import json
 import string
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
-from .connection import CONNECTION_ERRORS, DATABASE_ERRORS, Connection, sqlstate
+from .connection import DATABASE_ERRORS, Connection, sqlstate
 from .filters import ROW_ALIASES
 from .registry import TableKey
 from .sql import BLOCKS, quote_ident, quote_literal, render
@@ -151,15 +151,23 @@ class LockHolder:
     transaction_seconds: Optional[float]
 
 
+#: SQLSTATE classes of what is wrong with a filter itself: data exceptions
+#: (a literal its column's type refuses), names and types (an unknown
+#: function, operator or type), unsupported features.
+_FILTER_ERROR_CLASSES = ("22", "42", "0A")
+
+
 class LockTimeout(Exception):
     """A statement of :meth:`Store.run_ddl` gave up waiting for its lock.
 
     :param index: the position of that statement in the list run.
+    :param table: the table whose lock it waited for, when known.
     """
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, table: Optional[TableKey] = None) -> None:
         super().__init__(f"statement {index} could not take its lock")
         self.index = index
+        self.table = table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -542,6 +550,9 @@ class Store:
 
         Planned under a savepoint, rolled back whatever happens, with the
         capture functions' ``search_path``; call inside a transaction.
+
+        :raises LockTimeout: if the table stayed locked (by an ``ALTER TABLE``,
+            say) past the transaction's ``lock_timeout``.
         """
         rows = ", ".join(
             render("filter_row", table=qualified_name(table), alias=alias) for alias in ROW_ALIASES[op].values()
@@ -551,9 +562,12 @@ class Store:
             self._run("safe_local_search_path")
             self.conn.execute(render("check_filter", rows=rows, condition=condition))
             error = None
-        except CONNECTION_ERRORS:
-            raise
         except DATABASE_ERRORS as exc:
+            state = sqlstate(exc) or ""
+            if state == "55P03":  # lock_not_available: planning waited past lock_timeout
+                raise LockTimeout(-1, table) from exc
+            if state[:2] not in _FILTER_ERROR_CLASSES:
+                raise  # the connection, not the filter
             error = str(exc).strip().splitlines()[0]
         self.rollback_to_savepoint()
         self.release_savepoint()

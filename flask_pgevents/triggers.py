@@ -619,15 +619,23 @@ class TriggerManager:
                     f" {', '.join(map(repr, sorted(existing)))}."
                 )
 
-    def check_filters(self, needed: TriggerSet, error_of: Callable[[TableKey, str, str], Optional[str]]) -> None:
+    def check_filters(
+        self, needed: TriggerSet, plan: InstallPlan, error_of: Callable[[TableKey, str, str], Optional[str]]
+    ) -> None:
         """Fail clearly, before any DDL, for a ``where=`` filter its capture
         function could not run: installed, it would fail every write to the table.
+
+        Only the triggers ``plan`` creates or replaces are checked, so that an
+        install with nothing to change touches no table.
 
         :param error_of: why PostgreSQL cannot run a condition on a table's
             rows of an op; ``None`` if it can.
         :raises InvalidFilterError:
         """
+        changed = {(step.table, step.kind) for step in plan.steps if step.action in ("create", "replace")}
         for (table, kind), spec in sorted(needed.items(), key=lambda item: trigger_order(item[0])):
+            if (table, kind) not in changed:
+                continue
             for condition in sorted(spec.filters):
                 error = error_of(table, op_of(kind), condition)
                 if error is not None:

@@ -1,6 +1,7 @@
 """where= filters tested in the database, and TRUNCATE events, on both drivers."""
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
@@ -10,8 +11,8 @@ import sqlalchemy as sa
 from flask_pgevents import Event, InvalidFilterError
 
 
-def _order_app(make_app: Any) -> tuple[Any, Any, Any, Any]:
-    app, db, pgevents = make_app()
+def _order_app(make_app: Any, **config: Any) -> tuple[Any, Any, Any, Any]:
+    app, db, pgevents = make_app(**config)
 
     class Order(db.Model):  # type: ignore[name-defined,misc]
         __tablename__ = "order"
@@ -176,6 +177,29 @@ def test_a_filter_its_capture_function_could_not_run_is_refused_at_install_and_w
     other_service.execute("INSERT INTO \"order\" (id, \"Total\") VALUES (2, 500), (3, 5)")
     assert _drain(app, pgevents) == 1
     assert [event.new["id"] for event in big] == [2]
+
+def test_checking_a_new_filter_waits_for_a_locked_table_no_longer_than_the_ddl_would(
+    make_app: Any, other_service: psycopg.Connection, libpq_url: str, caplog: Any
+) -> None:
+    app, _, pgevents, Order = _order_app(make_app, PGEVENTS_LOCK_TIMEOUT=0.2)
+    pgevents.listen(Order, "after_insert", lambda event: None, where=Order.status == "paid")
+    with psycopg.connect(libpq_url, application_name="a migration") as blocker:
+        blocker.execute('LOCK TABLE "order" IN ACCESS EXCLUSIVE MODE')
+        # The first attempt gives up after 0.2 s, names the table and backs off
+        # (0.5 s); the lock is gone by the second.
+        threading.Timer(0.4, blocker.rollback).start()
+        with app.app_context():
+            assert pgevents.install_triggers().changes == 2
+    assert "Table public.order is locked, held by pid" in caplog.text
+    assert "application 'a migration'" in caplog.text
+
+    # A filter installed as it is is not planned again: nothing to change
+    # takes no lock.
+    with psycopg.connect(libpq_url) as blocker:
+        blocker.execute('LOCK TABLE "order" IN ACCESS EXCLUSIVE MODE')
+        with app.app_context():
+            assert pgevents.install_triggers().changes == 0
+
 
 def test_truncate_is_one_event_per_table(make_app: Any, other_service: psycopg.Connection) -> None:
     app, db, pgevents, Order = _order_app(make_app)

@@ -24,6 +24,7 @@ from flask_pgevents.triggers import (
     SUPPRESS_SETTING,
     CaptureOwner,
     InstalledTrigger,
+    InstallPlan,
     PlanStep,
     TriggerManager,
     TriggerStatus,
@@ -611,8 +612,13 @@ def test_check_filters_asks_for_each_filter_of_each_trigger_with_its_operation()
         (LEDGER, "update"): TriggerSpec(None, frozenset({"new_row.amount > 1", "old_row.amount = 0"})),
         (LEDGER, "insert"): SPEC,
         (ENTRY, "delete"): TriggerSpec(None, frozenset({"x.id = 1"}), every_row=True),
+        (ENTRY, "insert"): TriggerSpec(None, frozenset({"x.id = 2"})),  # installed as it is: not asked
     }
-    assert MANAGER.check_filters(needed, error_of) is None
+    plan = InstallPlan((
+        PlanStep("create", ENTRY, "delete"), PlanStep("keep", ENTRY, "insert"),
+        PlanStep("create", LEDGER, "insert"), PlanStep("replace", LEDGER, "update"),
+    ), ("...",))
+    assert MANAGER.check_filters(needed, plan, error_of) is None
     assert asked == [
         (ENTRY, "delete", "x.id = 1"),
         (LEDGER, "update", "new_row.amount > 1"),
@@ -630,7 +636,10 @@ def test_check_filters_names_the_filter_the_database_cannot_run_and_the_fix():
         " pg_temp: name a function or type of another schema with its schema (sa.func.myschema.f(...),"
         " sa.Enum(..., schema='public')).",
     ):
-        MANAGER.check_filters(needed, lambda *_: "function is_big(numeric) does not exist")
+        MANAGER.check_filters(
+            needed, InstallPlan((PlanStep("create", LEDGER, "insert"),), ("...",)),
+            lambda *_: "function is_big(numeric) does not exist",
+        )
 
 
 # Grants of a listening role ------------------------------------------------------------
