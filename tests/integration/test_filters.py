@@ -178,6 +178,29 @@ def test_a_filter_its_capture_function_could_not_run_is_refused_at_install_and_w
     assert _drain(app, pgevents) == 1
     assert [event.new["id"] for event in big] == [2]
 
+def test_a_filter_naming_a_type_outside_pg_catalog_by_its_bare_name_is_refused(
+    make_app: Any, other_service: psycopg.Connection
+) -> None:
+    # Capture functions look types up in pg_temp after pg_catalog: a writer's own
+    # temporary "mood" type would stand in for this one. Install refuses it.
+    other_service.execute("CREATE TYPE public.mood AS ENUM ('happy', 'sad')")
+    app, _, pgevents, Order = _order_app(make_app)
+    bare = sa.Enum("happy", "sad", name="mood", create_type=False)
+    happy: list[Event] = []
+    pgevents.listen(Order, "after_insert", happy.append, where=sa.cast(Order.status, bare) == "happy")
+    with app.app_context(), pytest.raises(InvalidFilterError, match='type "mood" does not exist'):
+        pgevents.install_triggers()
+
+    pgevents.remove(Order, "after_insert", happy.append)
+    qualified = sa.Enum("happy", "sad", name="mood", schema="public", create_type=False)
+    pgevents.listen(Order, "after_insert", happy.append, where=sa.cast(Order.status, qualified) == "happy")
+    with app.app_context():
+        pgevents.install_triggers()
+    other_service.execute("INSERT INTO \"order\" (id, status) VALUES (1, 'happy'), (2, 'sad')")
+    assert _drain(app, pgevents) == 1
+    assert [event.new["id"] for event in happy] == [1]
+
+
 def test_checking_a_new_filter_waits_for_a_locked_table_no_longer_than_the_ddl_would(
     make_app: Any, other_service: psycopg.Connection, libpq_url: str, caplog: Any
 ) -> None:
