@@ -32,7 +32,9 @@ def thing_added(event):
     pass
 """
 
-COMMANDS = ("install-triggers", "uninstall-triggers", "grant-listener", "status", "failed", "retry", "listen")
+COMMANDS = (
+    "install-triggers", "uninstall-triggers", "grant-listener", "status", "failed", "retry", "discard", "listen",
+)
 
 
 def check(condition: bool, message: str) -> None:

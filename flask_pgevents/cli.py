@@ -262,7 +262,34 @@ def retry(retry_all: bool, event_ids: tuple[int, ...]) -> None:
     state = _state()
     count = state.extension.retry_failed(current_app, None if retry_all else list(event_ids))
     click.echo(f"{count} event(s) queued again.")
-    unknown = 0 if retry_all else len(set(event_ids)) - count
+    _fail_for_ids_not_failed(() if retry_all else event_ids, count)
+
+
+@pgevents_cli.command("discard")
+@click.option("--all", "discard_all", is_flag=True, help="Discard every failed event.")
+@click.option("--yes", is_flag=True, help="Discard every failed event without asking.")
+@click.argument("event_ids", nargs=-1, type=int)
+@with_appcontext
+@_database_errors
+def discard(discard_all: bool, yes: bool, event_ids: tuple[int, ...]) -> None:
+    """Delete failed events for good; pending events are never deleted."""
+    if not discard_all and not event_ids:
+        raise click.UsageError("Name the event ids to discard, or pass --all.")
+    if discard_all and event_ids:
+        raise click.UsageError("Pass either event ids or --all, not both.")
+    state = _state()
+    if discard_all and not yes:
+        failed = state.extension.stats(current_app).failed
+        if not click.confirm(f"Discard all {failed} failed event(s) for good?", default=False):
+            raise click.ClickException("Nothing was discarded.")
+    count = state.extension.discard_failed(None if discard_all else list(event_ids), current_app)
+    click.echo(f"{count} event(s) discarded.")
+    _fail_for_ids_not_failed(event_ids, count)
+
+
+def _fail_for_ids_not_failed(event_ids: tuple[int, ...], count: int) -> None:
+    """Exit 1 when fewer events than the ``event_ids`` given were failed ones."""
+    unknown = len(set(event_ids)) - count if event_ids else 0
     if unknown > 0:
         raise click.ClickException(
             f"{unknown} of the given event ids name no failed event."

@@ -330,8 +330,9 @@ class PGEvents:
         with self._state(app).connect() as store:
             return store.retry_failed(event_ids)
 
-    def discard_failed(self, event_ids: Sequence[int], app: Optional[Flask] = None) -> int:
-        """Delete failed events for good; return how many there were.
+    def discard_failed(self, event_ids: Optional[Sequence[int]], app: Optional[Flask] = None) -> int:
+        """Delete failed events for good (all of them when ``event_ids`` is None);
+        return how many there were.
 
         Pending events are never deleted, so an id retried meanwhile is left alone.
         """

@@ -492,11 +492,11 @@ class Store:
             self.notify(RESCAN)  # the retried events lie behind the listeners' cursors
         return count
 
-    def discard_failed(self, event_ids: Sequence[int]) -> int:
-        """Delete failed events for good; return how many there were."""
+    def discard_failed(self, event_ids: Optional[Sequence[int]]) -> int:
+        """Delete failed events for good (all when ``event_ids`` is None); return how many there were."""
         if not self.schema_exists():
             return 0
-        return self._run("discard_failed", (list(event_ids),))
+        return self._run("discard_failed", (event_ids is None, list(event_ids or [])))
 
     def live_listeners(self) -> list[ListenerSession]:
         """The registered listeners whose database session is alive, oldest first."""

@@ -256,8 +256,9 @@ SET status = 'pending', retried_attempts = retried_attempts + attempt, attempt =
 WHERE status = 'failed' AND (%s OR id = ANY(%s))
 
 -- name: discard_failed
--- Deletes failed events for good (the dashboard's discard); never a pending one.
-DELETE FROM {schema}."event" WHERE status = 'failed' AND id = ANY(%s)
+-- Deletes failed events for good (all, or those ids: 'flask pgevents discard',
+-- the dashboard's discard); never a pending one.
+DELETE FROM {schema}."event" WHERE status = 'failed' AND (%s OR id = ANY(%s))
 
 -- name: live_listeners
 -- The registered listeners whose session is still alive, with what the

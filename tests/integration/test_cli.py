@@ -420,6 +420,45 @@ def test_retry_needs_ids_or_all_and_reports_ids_that_are_not_failed(make_app, ot
     assert invoke(app, "failed").output == "No failed events.\n"
 
 
+def test_discard_deletes_the_named_failed_events_or_all_after_asking_and_never_a_pending_one(
+    make_app, other_service
+):
+    app, _db, pgevents, Thing = thing_app(make_app, PGEVENTS_MAX_ATTEMPTS=1)
+
+    def fails(event: Any) -> None:
+        raise RuntimeError("down")
+
+    pgevents.listen(Thing, "after_insert", fails)
+    assert invoke(app, "install-triggers").exit_code == 0
+    other_service.execute("INSERT INTO thing (name) VALUES ('a'), ('b'), ('c')")
+    assert drain(app, pgevents) == 3
+    first, second, third = [id_ for (id_,) in other_service.execute(
+        "SELECT id FROM pgevents.event WHERE status = 'failed' ORDER BY id").fetchall()]
+    assert invoke(app, "retry", str(third)).exit_code == 0  # pending again
+
+    result = invoke(app, "discard")
+    assert result.exit_code == 2 and "Name the event ids to discard, or pass --all." in result.output
+    result = invoke(app, "discard", "--all", str(first))
+    assert result.exit_code == 2 and "Pass either event ids or --all, not both." in result.output
+
+    result = invoke(app, "discard", str(first), str(third), "999")
+    assert result.exit_code == 1
+    assert result.output.startswith("1 event(s) discarded.\n")
+    assert "2 of the given event ids name no failed event." in result.output
+    assert invoke(app, "failed").output.startswith(f"event {second}: ")
+
+    result = invoke(app, "discard", "--all", input="n\n")
+    assert result.exit_code == 1
+    assert result.output == (
+        "Discard all 1 failed event(s) for good? [y/N]: n\nError: Nothing was discarded.\n"
+    )
+    result = invoke(app, "discard", "--all", "--yes")
+    assert (result.exit_code, result.output) == (0, "1 event(s) discarded.\n")
+    assert invoke(app, "failed").output == "No failed events.\n"
+    # The retried event was pending, and is still there to be handled.
+    assert other_service.execute("SELECT id, status FROM pgevents.event").fetchall() == [(third, "pending")]
+
+
 # Passwords -------------------------------------------------------------------
 
 

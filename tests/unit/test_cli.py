@@ -17,7 +17,8 @@ NOT_SET_UP = (
     " 'pgevents.init_app(app)' in your app factory.\n"
 )
 COMMANDS = [
-    "backfill", "failed", "grant-listener", "install-triggers", "listen", "retry", "status", "uninstall-triggers",
+    "backfill", "discard", "failed", "grant-listener", "install-triggers", "listen", "retry", "status",
+    "uninstall-triggers",
 ]
 
 
@@ -121,6 +122,11 @@ def test_init_app_adds_the_group_to_flask(app):
         "List events whose handlers failed on every attempt.",
         "--limit INTEGER  Show at most this many.  [default: 50]",
         "--traceback      Also show each traceback and the row.",
+    ]),
+    ("discard", "discard [OPTIONS] [EVENT_IDS]...", [
+        "Delete failed events for good; pending events are never deleted.",
+        "--all   Discard every failed event.",
+        "--yes   Discard every failed event without asking.",
     ]),
     ("retry", "retry [OPTIONS] [EVENT_IDS]...", [
         "Queue failed events again; handlers that succeeded are not run again.",
