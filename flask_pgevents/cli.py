@@ -5,12 +5,15 @@ Imports nothing from the extension: each command finds the app's state in
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
 import logging
+import os
 import signal
 import textwrap
+import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import click
@@ -338,15 +341,50 @@ def backfill(target: str, where: Optional[str], handler: Optional[str], batch_si
     click.echo(f"Backfill {result.run} of {result.table} done: {result.emitted} row(s) emitted.")
 
 
+#: How often ``listen --ready-file`` asks the listener whether it is ready.
+READY_FILE_INTERVAL = 2.0
+
+
+class ReadyFile:
+    """A file that exists, freshly written, while the listener is ready.
+
+    For an exec probe of a process that serves no HTTP: the file holds
+    :meth:`PGEvents.ready`'s reason, is rewritten every
+    :data:`READY_FILE_INTERVAL` seconds (so its age also tells a frozen
+    process), and is removed as soon as the listener is not ready, and on exit.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def update(self, ready: bool, reason: str) -> None:
+        if not ready:
+            self.remove()
+            return
+        partial = f"{self.path}.{os.getpid()}.tmp"
+        with open(partial, "w", encoding="utf-8") as out:
+            out.write(reason + "\n")
+        os.replace(partial, self.path)  # a probe never reads half a file
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+
 @pgevents_cli.command("listen")
+@click.option(
+    "--ready-file", metavar="PATH", type=click.Path(dir_okay=False),
+    help="Keep PATH written while the listener is ready, for a readiness probe; removed when it is not.",
+)
 @with_appcontext
-def listen() -> None:
+def listen(ready_file: Optional[str]) -> None:
     """Run the listener in the foreground until SIGTERM or Ctrl-C.
 
     Exits with status 1 at once if the database refuses the role or does not
     exist, and if the listener does not stop within PGEVENTS_STOP_TIMEOUT.
     """
     state = _state()
+    readiness = ReadyFile(ready_file) if ready_file else None
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("flask_pgevents").setLevel(logging.INFO)
@@ -374,13 +412,21 @@ def listen() -> None:
         # up on it: a query to a server that stopped answering cannot be
         # interrupted.
         listener.start(fail_fast=True, on_connect=announce)
+        checked = 0.0
         while listener.running and not listener.stop_requested:
             listener.join(0.1)
+            if readiness is not None and time.monotonic() - checked >= READY_FILE_INTERVAL:
+                checked = time.monotonic()
+                readiness.update(*state.extension.ready(current_app))
+        if readiness is not None:
+            readiness.remove()  # stopping: not ready any more
         ended_alone = not listener.stop_requested
         stopped = listener.stop(state.config.stop_timeout)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if readiness is not None:
+            readiness.remove()
     if listener.failure is not None:
         raise click.ClickException(str(listener.failure))
     if not stopped:

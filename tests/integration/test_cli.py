@@ -522,6 +522,48 @@ def listener_backends(conn: psycopg.Connection) -> int:
     ).fetchone()[0]
 
 
+def test_listen_keeps_its_ready_file_while_connected_and_removes_it_while_it_cannot_reconnect_and_on_exit(
+    password_url, server_url, other_service, tmp_path, monkeypatch
+):
+    init_example(password_url, monkeypatch)
+    ready = tmp_path / "ready"
+    log = tmp_path / "listen.log"
+    database = other_service.info.dbname
+    admin = psycopg.connect(server_url, autocommit=True)  # ALTER DATABASE runs from another one
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-W", "error", "-m", "flask", "pgevents", "listen", "--ready-file", str(ready)],
+            env=example_env(password_url), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_while_running(proc, log, ready.exists)
+        assert ready.read_text() == "Connected and listening.\n"
+        written = ready.stat().st_mtime_ns
+        # Rewritten while ready, so that its age tells a frozen process too.
+        wait_while_running(proc, log, lambda: ready.exists() and ready.stat().st_mtime_ns > written)
+
+        # The database drops the listener's connection and takes no new one.
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        other_service.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'pgevents-listener'"
+        )
+        wait_while_running(proc, log, lambda: not ready.exists())
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        wait_while_running(proc, log, ready.exists)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, log.read_text()
+    finally:
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        admin.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert not ready.exists()
+    assert "Traceback" not in log.read_text()
+
+
 @pytest.mark.parametrize(
     "driver, stop_signal",
     [("psycopg", signal.SIGTERM), ("psycopg2", signal.SIGINT)],

@@ -134,6 +134,7 @@ def test_init_app_adds_the_group_to_flask(app):
     ]),
     ("listen", "listen [OPTIONS]", [
         "Run the listener in the foreground until SIGTERM or Ctrl-C.",
+        "--ready-file PATH  Keep PATH written while the listener is ready, for a",
     ]),
 ])
 def test_each_command_explains_itself_and_its_options(app, command, usage, lines):
