@@ -244,15 +244,7 @@ class PGEvents:
                 store.rollback()
 
     def _plan(self, state: AppState, store: Store, *, prune: bool) -> InstallPlan:
-        owner = state.triggers.capture_owner(store.capture_role_state(state.config.capture_role))
-        installed = state.triggers.installed(store.installed_triggers())
-        needed = self.registry.needed_triggers()
-        plan = state.triggers.plan(needed, installed, store.schema_objects(), owner, prune=prune)
-        state.triggers.check_filters(needed, plan, store.filter_error)
-        if plan.statements:
-            for warning in owner.warnings:
-                logger.warning("%s", warning)
-        return plan
+        return state.install_plan(store, self.registry.needed_triggers(), prune=prune)
 
     def grant_listener(self, role: str, app: Optional[Flask] = None) -> list[str]:
         """Grant ``role`` exactly what a process that only listens needs; return the SQL.

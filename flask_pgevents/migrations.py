@@ -447,14 +447,7 @@ def run_operation(operations: Operations, plan: Callable[[AppState, Store], Inst
 def install_plan(state: AppState, store: Store, needed: TriggerSet, *, prune: bool = False) -> InstallPlan:
     """The plan that installs ``needed``; fails first for a missing table or column."""
     state.triggers.check_tables(needed, store.table_columns)
-    owner = state.triggers.capture_owner(store.capture_role_state(state.config.capture_role))
-    installed = state.triggers.installed(store.installed_triggers())
-    plan = state.triggers.plan(needed, installed, store.schema_objects(), owner, prune=prune)
-    state.triggers.check_filters(needed, plan, store.filter_error)
-    if plan.statements:
-        for warning in owner.warnings:
-            logger.warning("%s", warning)
-    return plan
+    return state.install_plan(store, needed, prune=prune)
 
 
 @Operations.implementation_for(CreateTriggerOp)

@@ -17,11 +17,11 @@ from .connection import Connection, parse_database_url
 from .errors import ConfigurationError, DisabledError
 from .events import RowDecoder
 from .listener import Listener
-from .registry import Registry, TableKey
+from .registry import Registry, TableKey, TriggerSet
 from .sql import render
 from .stats import Counters
 from .store import Store
-from .triggers import TriggerManager
+from .triggers import InstallPlan, TriggerManager
 
 if TYPE_CHECKING:
     from .extension import PGEvents
@@ -110,6 +110,23 @@ class AppState:
             connect_timeout=config.connect_timeout, statement_timeout=config.statement_timeout,
         )
         return Store(conn, config.schema)
+
+    def install_plan(self, store: Store, needed: TriggerSet, *, prune: bool = False) -> InstallPlan:
+        """The plan that installs ``needed`` as the database stands, its new
+        ``where=`` filters checked by PostgreSQL; warns about the capture
+        functions' owner when the plan changes something.
+
+        :raises InvalidFilterError: for a filter its capture function could not run.
+        """
+        triggers = self.triggers
+        owner = triggers.capture_owner(store.capture_role_state(self.config.capture_role))
+        installed = triggers.installed(store.installed_triggers())
+        plan = triggers.plan(needed, installed, store.schema_objects(), owner, prune=prune)
+        triggers.check_filters(needed, plan, store.filter_error)
+        if plan.statements:
+            for warning in owner.warnings:
+                logger.warning("%s", warning)
+        return plan
 
     def dispose_inherited_engines(self) -> None:
         """After a fork: drop the parent's pooled connections without closing them."""
