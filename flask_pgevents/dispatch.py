@@ -14,20 +14,26 @@ import logging
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, Optional, Tuple
 
 from . import signals, tracing
 from .atomic import JoinedSession
 from .connection import CONNECTION_ERRORS, Connection
 from .events import Event, changed_in_json, load_context, load_row
 from .pacing import Backoff
-from .registry import Subscription, broadcast_kind
+from .registry import Subscription, TableKey, broadcast_kind
 from .store import Claim, Store, StoredEvent, subscription_key
 
 if TYPE_CHECKING:
     from .state import AppState, TableInfo
 
 logger = logging.getLogger("flask_pgevents")
+
+#: A table's handlers of one kind, whether any has a filter, and the table's
+#: decoder (``None`` without handlers): see :meth:`Dispatcher._route`.
+Route = Tuple[Tuple[Subscription, ...], bool, Optional["TableInfo"]]
+#: The routes of one batch, by schema, table and kind.
+Routes = Dict[Tuple[str, str, str], Route]
 
 #: A batch whose handlers run longer than this settles early and releases
 #: the events it has not reached, so that other processes can take them.
@@ -341,9 +347,7 @@ class Dispatcher:
         failures: list[Failure] = []
         started = time.monotonic()
         self._tracing = tracing.enabled()
-        # Per (schema, table, kind) of the batch: its table, handlers and whether
-        # any has a filter, looked up once rather than per event.
-        routes: dict[tuple[str, str, str], tuple[TableInfo, tuple[Subscription, ...], bool]] = {}
+        routes: Routes = {}
         with self.state.app.app_context(), self._joined_handlers(joined):
             for stored in events:
                 if stop is not None and stop.is_set():
@@ -353,14 +357,7 @@ class Dispatcher:
                 attempt = stored.attempt + 1
                 done = set(stored.done_handlers)
                 try:
-                    route_key = (stored.table.schema, stored.table.name, stored.op)
-                    route = routes.get(route_key)
-                    if route is None:
-                        subs = self.state.registry.handlers_for(stored.table, stored.op)
-                        route = routes[route_key] = (
-                            self.state.table_info(stored.table), subs, any(sub.filter is not None for sub in subs),
-                        )
-                    info, subscriptions, filtered = route
+                    subscriptions, filtered, info = self._route(routes, stored.table, stored.op)
                     event = self.event(stored, attempt, info)
                 except Exception as exc:
                     logger.exception(
@@ -383,6 +380,21 @@ class Dispatcher:
         if handled:
             self.state.counters.events_handled(len(handled))
         return handled, failures
+
+    def _route(self, routes: Routes, table: TableKey, kind: str) -> Route:
+        """A table's handlers of ``kind``, whether any has a filter, and the
+        table's decoder when it has handlers: looked up once per batch (in
+        ``routes``) rather than per event."""
+        key = (table.schema, table.name, kind)
+        route = routes.get(key)
+        if route is None:
+            subscriptions = self.state.registry.handlers_for(table, kind)
+            route = routes[key] = (
+                subscriptions,
+                any(sub.filter is not None for sub in subscriptions),
+                self.state.table_info(table) if subscriptions else None,
+            )
+        return route
 
     @contextlib.contextmanager
     def _joined_handlers(self, joined: Optional[JoinedSession]) -> Iterator[None]:
@@ -550,13 +562,14 @@ class Dispatcher:
             return 0
         self.broadcast_position = (rows[-1].txid or "0", rows[-1].id)
         self._tracing = tracing.enabled()
+        routes: Routes = {}
         with state.app.app_context():
             for stored in rows:
-                subscriptions = state.registry.handlers_for(stored.table, broadcast_kind(stored.op))
-                if not subscriptions:
-                    continue
                 try:
-                    event = self.event(stored, 1)
+                    subscriptions, _, info = self._route(routes, stored.table, broadcast_kind(stored.op))
+                    if not subscriptions:
+                        continue
+                    event = self.event(stored, 1, info)
                 except Exception:
                     logger.exception(
                         "Broadcast event %s (%s on %s) could not be decoded.", stored.id, stored.op, stored.table
