@@ -24,7 +24,8 @@ def operator_client(app: Any) -> FlaskClient:
     return client
 
 
-def test_discard_deletes_only_failed_events(make_app, other_service):
+def two_failed_events(make_app: Any, other_service: Any) -> tuple[Any, Any, list[bool]]:
+    """An app with the dashboard at /events and two failed events; ``failing[0] = False`` mends its handler."""
     app, _db, pgevents, Thing = thing_app(make_app, SECRET_KEY="test", PGEVENTS_MAX_ATTEMPTS=1)
     failing = [True]
 
@@ -38,6 +39,11 @@ def test_discard_deletes_only_failed_events(make_app, other_service):
         pgevents.install_triggers()
     other_service.execute("INSERT INTO thing (name) VALUES ('a'), ('b')")
     assert pgevents.process_pending(app=app) == 2
+    return app, pgevents, failing
+
+
+def test_discard_deletes_only_failed_events(make_app, other_service):
+    app, pgevents, _failing = two_failed_events(make_app, other_service)
     other_service.execute("INSERT INTO thing (name) VALUES ('c')")  # stays pending
     ids = [row[0] for row in other_service.execute("SELECT id FROM pgevents.event ORDER BY id").fetchall()]
 
@@ -51,19 +57,7 @@ def test_discard_deletes_only_failed_events(make_app, other_service):
 
 
 def test_retry_all_queues_every_failed_event(make_app, other_service):
-    app, _db, pgevents, Thing = thing_app(make_app, SECRET_KEY="test", PGEVENTS_MAX_ATTEMPTS=1)
-    failing = [True]
-
-    @pgevents.listens_for(Thing, "after_insert")
-    def handler(event: Any) -> None:
-        if failing[0]:
-            raise RuntimeError("down")
-
-    app.register_blueprint(pgevents.dashboard_blueprint(authorize=lambda request: True), url_prefix="/events")
-    with app.app_context():
-        pgevents.install_triggers()
-    other_service.execute("INSERT INTO thing (name) VALUES ('a'), ('b')")
-    assert pgevents.process_pending(app=app) == 2
+    app, pgevents, failing = two_failed_events(make_app, other_service)
     failing[0] = False
 
     response = operator_client(app).post("/events/retry", data={"csrf_token": TOKEN, "all": "1"})
